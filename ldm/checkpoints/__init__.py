@@ -1,0 +1,1 @@
+"""Reading, writing and converting weight files: single files, diffusers folders and CompVis checkpoints."""
