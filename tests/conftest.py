@@ -52,3 +52,41 @@ def diffusers_vae():
     from diffusers import AutoencoderKL
 
     return randomize(AutoencoderKL(**TINY_VAE))
+
+
+def tiny_diffusers_pipeline(kind: str = "sd1", scheduler_config: dict | None = None):
+    """A random-weight StableDiffusionPipeline built by diffusers itself (SD1- or SD2-shaped, v-prediction for SD2)."""
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from ldm.models.text_encoders import clip_tokenizer
+
+    unet_kwargs = dict(TINY_UNETS[kind])
+    text_config = CLIPTextConfig(
+        hidden_size=unet_kwargs["cross_attention_dim"], intermediate_size=37, num_hidden_layers=3,
+        num_attention_heads=4, vocab_size=49408, max_position_embeddings=77, projection_dim=16,
+        hidden_act="quick_gelu" if kind == "sd1" else "gelu",
+    )
+    prediction = "epsilon" if kind == "sd1" else "v_prediction"
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, prediction_type=prediction)
+    pipe = StableDiffusionPipeline(
+        unet=randomize(UNet2DConditionModel(**unet_kwargs), seed=1),
+        vae=randomize(AutoencoderKL(**TINY_VAE), seed=2, std=0.05),
+        text_encoder=randomize(CLIPTextModel(text_config), seed=3, std=0.05),
+        tokenizer=clip_tokenizer(pad_token="<|endoftext|>" if kind == "sd1" else "!"),
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    if scheduler_config is not None:
+        pipe.scheduler = scheduler_config
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session", params=["sd1", "sd2"])
+def tiny_sd_folder(request, tmp_path_factory):
+    """(kind, folder, diffusers pipeline): a tiny pipeline written by diffusers' own save_pretrained."""
+    pipe = tiny_diffusers_pipeline(request.param)
+    folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
+    pipe.save_pretrained(folder)
+    return request.param, folder, pipe

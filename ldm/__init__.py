@@ -1,0 +1,7 @@
+"""ldm: latent diffusion, readable and exact. `LatentDiffusionPipeline.from_pretrained(path)(prompt).images`."""
+
+__version__ = "0.1.0"
+
+from ldm.pipeline import LatentDiffusionPipeline, PipelineOutput  # noqa: E402
+
+__all__ = ["LatentDiffusionPipeline", "PipelineOutput", "__version__"]

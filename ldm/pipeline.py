@@ -1,0 +1,240 @@
+"""`LatentDiffusionPipeline`: text -> image, composed from a text encoder, a UNet denoiser, a sampler and a VAE.
+
+The call reads as the recipe: check inputs, encode prompts, prepare latents, denoise, decode, post-process.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from ldm.diffusers_schedulers import plan_for, run
+from ldm.loading import Components, load_components, save_diffusers_folder, save_single_file, scheduler_from_config
+from ldm.samplers import TorchNoise
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, (B, H, W, 3) array in [0, 1], (B, 3, H, W) tensor, or latents
+    seeds: list[int | None]  # the seed of each image (None where the caller passed generators we cannot name)
+
+
+class LatentDiffusionPipeline:
+    def __init__(self, components: Components):
+        self.unet = components.unet
+        self.vae = components.vae
+        self.text_encoder = components.text_encoder
+        self.scheduler = scheduler_from_config(_stable_diffusion_fixes(components.scheduler_config))
+        self.source = components.source
+        self.progress_bar = True
+
+    # ------------------------------------------------------------------ loading, saving, devices
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, config: str | Path | None = None, variant: str | None = None,
+                        device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """Load a diffusers folder, or a CompVis/Stability single file (`config`: its YAML, else inferred)."""
+        pipe = cls(load_components(path, config=config, variant=variant))
+        return pipe.to(device, dtype) if device or dtype else pipe
+
+    def components(self) -> Components:
+        return Components(self.unet, self.vae, self.text_encoder, dict(self.scheduler.config), self.source)
+
+    def save_pretrained(self, path: str | Path, *, format: str = "diffusers") -> None:
+        """format="diffusers" writes a folder; format="single_file" one CompVis-layout .safetensors/.ckpt file."""
+        if format == "diffusers":
+            save_diffusers_folder(self.components(), path)
+        elif format == "single_file":
+            save_single_file(self.components(), path)
+        else:
+            raise ValueError(f"format={format!r}: choose 'diffusers' or 'single_file'")
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        for module in (self.unet, self.vae, self.text_encoder.model):
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def latent_factor(self) -> int:
+        return self.vae.config.downsampling_factor
+
+    # ------------------------------------------------------------------ the call
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        sampler: Any = None,
+        output_type: str = "pil",
+        callback: Callable | None = None,
+        seed: int | None = None,
+    ) -> PipelineOutput:
+        # 1. Check inputs, before any compute.
+        prompts = _as_list(prompt, "prompt")
+        batch = len(prompts) * num_images_per_prompt
+        negatives = _negatives(negative_prompt, len(prompts))
+        height, width = self._check_size(height, width)
+        _check_call(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+        latent_shape = (batch, self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
+        generators, seeds = _generators(generator, seed, batch)
+        if latents is not None and tuple(latents.shape) != latent_shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {latent_shape} "
+                             f"(batch, channels, height/{self.latent_factor}, width/{self.latent_factor})")
+        plan = plan_for(sampler if sampler is not None else self.scheduler, num_inference_steps,
+                        base_config=dict(self.scheduler.config))
+
+        # 2. Encode prompts (each repeated per image), the negatives too when guidance is on.
+        guided = guidance_scale > 1.0
+        context = self._encode(_repeat(prompts, num_images_per_prompt))
+        if guided:
+            context = torch.cat([self._encode(_repeat(negatives, num_images_per_prompt)), context])
+
+        # 3. Prepare latents: image k's noise comes from its own generator, drawn on the CPU.
+        if latents is None:
+            latents = TorchNoise(latent_shape, generators)()
+        latents = latents.to(self.device, torch.float32)
+
+        # 4. Denoise.
+        denoiser = plan.denoiser(self.unet)
+        model = _classifier_free(denoiser, context, guidance_scale) if guided else _conditioned(denoiser, context)
+        noise = TorchNoise(latent_shape, generators, device=self.device)
+        with tqdm(total=plan.num_steps, disable=not self.progress_bar, desc="sampling") as bar:
+            def on_step(info):
+                bar.update(1)
+                if callback is not None:
+                    callback(info)
+            latents = run(plan, model, latents, noise=noise, callback=on_step)
+
+        # 5. Decode, unless latents were asked for.
+        if output_type == "latent":
+            return PipelineOutput(latents, seeds)
+        image = self.vae.decode(self.vae.unscale_latents(latents.to(self.dtype))).float()
+
+        # 6. Post-process to [0, 1] and the requested type.
+        image = (image / 2 + 0.5).clamp(0, 1)
+        return PipelineOutput(_convert(image, output_type), seeds)
+
+    def _encode(self, prompts: list[str]) -> torch.Tensor:
+        return self.text_encoder.encode(prompts).tokens.to(self.device)
+
+    def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        default = 8 * self.latent_factor  # diffusers' sample_size is not carried; 64-px-latent models set it
+        height, width = height or default, width or default
+        # The UNet halves the latent (len(channels) - 1) times; odd sizes work, but the latent must be whole.
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value <= 0 or value % self.latent_factor:
+                raise ValueError(f"{name}={value} must be a positive multiple of {self.latent_factor} "
+                                 f"(the VAE's downsampling factor); try {max(1, round(value / self.latent_factor)) * self.latent_factor}")
+        return height, width
+
+
+def _stable_diffusion_fixes(config: dict) -> dict:
+    """The two corrections diffusers' StableDiffusionPipeline makes to every scheduler it is built with: early
+    SD configs lack steps_offset=1, and DDIM-style clip_sample=True (a pixel-space default) ruins latents."""
+    config = dict(config)
+    if config.get("steps_offset", 1) != 1:
+        config["steps_offset"] = 1
+    if config.get("clip_sample") is True:
+        config["clip_sample"] = False
+    return config
+
+
+def _as_list(value, name: str) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if not items or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {value!r}")
+    return items
+
+
+def _negatives(negative_prompt, count: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * count
+    negatives = _as_list(negative_prompt, "negative_prompt")
+    if len(negatives) == 1:
+        return negatives * count
+    if len(negatives) != count:
+        raise ValueError(f"negative_prompt has {len(negatives)} entries for {count} prompts: give one, or one each")
+    return negatives
+
+
+def _check_call(steps, guidance_scale, images_per_prompt, output_type) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1")
+    if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 turns guidance off)")
+    if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt={images_per_prompt!r} must be an integer >= 1")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
+
+
+def _generators(generator, seed: int | None, batch: int) -> tuple[list[torch.Generator], list[int | None]]:
+    """One CPU generator per image. A single generator or seed s gives image k the seed s + k (A1111's rule), so
+    image k of a batch equals a one-image run with seed s + k; a list is used as given, one per image."""
+    if isinstance(generator, list):
+        if len(generator) != batch:
+            raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image, or one")
+        return generator, [None] * batch
+    if generator is not None and seed is not None:
+        raise ValueError("pass either generator or seed, not both")
+    if generator is not None:
+        base = generator.initial_seed()
+        rest = [torch.Generator().manual_seed(base + k) for k in range(1, batch)]
+        return [generator, *rest], [base + k for k in range(batch)]
+    base = random.randrange(2**32) if seed is None else seed
+    return [torch.Generator().manual_seed(base + k) for k in range(batch)], [base + k for k in range(batch)]
+
+
+def _repeat(prompts: list[str], times: int) -> list[str]:
+    return [p for p in prompts for _ in range(times)]
+
+
+def _conditioned(denoiser, context: torch.Tensor):
+    def model(x, sigma, **kwargs):
+        return denoiser(x, sigma, context=context, **kwargs)
+
+    return model
+
+
+def _classifier_free(denoiser, context: torch.Tensor, scale: float):
+    """Classifier-free guidance in one batched forward: context is [unconditional; conditional]."""
+
+    def model(x, sigma, **kwargs):
+        uncond, cond = denoiser(torch.cat([x, x]), sigma, context=context, **kwargs).chunk(2)
+        return uncond + scale * (cond - uncond)
+
+    return model
+
+
+def _convert(image: torch.Tensor, output_type: str):
+    if output_type == "pt":
+        return image.cpu()
+    array = image.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    if output_type == "np":
+        return array
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in array]
