@@ -144,12 +144,13 @@ class LatentDiffusionPipeline:
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = 8 * self.latent_factor  # diffusers' sample_size is not carried; 64-px-latent models set it
-        height, width = height or default, width or default
+        height = default if height is None else height
+        width = default if width is None else width
         # The UNet halves the latent (len(channels) - 1) times; odd sizes work, but the latent must be whole.
         for name, value in (("height", height), ("width", width)):
             if not isinstance(value, int) or value <= 0 or value % self.latent_factor:
                 raise ValueError(f"{name}={value} must be a positive multiple of {self.latent_factor} "
-                                 f"(the VAE's downsampling factor); try {max(1, round(value / self.latent_factor)) * self.latent_factor}")
+                                 f"(the VAE's downsampling factor), e.g. {self.latent_factor * max(1, round(value / self.latent_factor))}")
         return height, width
 
 

@@ -79,3 +79,80 @@ def test_save_and_reload_both_formats_give_the_same_image(tiny_sd_folder, tmp_pa
     single.progress_bar = False
     single.scheduler = pipe.scheduler
     np.testing.assert_allclose(single("a red circle", **call).images, reference, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from ldm.cli import tiny_random_pipeline
+
+    pipe = tiny_random_pipeline()
+    pipe.progress_bar = False
+    return pipe
+
+
+def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(tiny_pipe):
+    call = dict(num_inference_steps=3, height=16, width=16, output_type="np", sampler="Euler a")
+    batch = tiny_pipe("a red circle", num_images_per_prompt=4, seed=10, **call)
+    assert batch.seeds == [10, 11, 12, 13]
+    for k in range(4):
+        single = tiny_pipe("a red circle", seed=10 + k, **call).images
+        np.testing.assert_allclose(batch.images[k], single[0], atol=1e-5)
+    with_generator = tiny_pipe("a red circle", generator=torch.Generator().manual_seed(12), **call).images
+    np.testing.assert_allclose(with_generator[0], batch.images[2], atol=1e-5)
+
+
+def test_output_types(tiny_pipe):
+    call = dict(num_inference_steps=2, height=16, width=24, seed=1)
+    array = tiny_pipe("x", output_type="np", **call).images
+    assert array.shape == (1, 16, 24, 3) and 0 <= array.min() and array.max() <= 1
+    tensor = tiny_pipe("x", output_type="pt", **call).images
+    np.testing.assert_allclose(tensor.permute(0, 2, 3, 1).numpy(), array, atol=1e-7)
+    assert tiny_pipe("x", output_type="latent", **call).images.shape == (1, 4, 8, 12)
+    image = tiny_pipe("x", output_type="pil", **call).images[0]
+    np.testing.assert_array_equal(np.asarray(image), (array[0] * 255).round().astype(np.uint8))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(height=15), "height=15 must be a positive multiple of 2"),
+    (dict(width=0), "width=0"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(guidance_scale=float("nan")), "guidance_scale"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
+    (dict(generator=[torch.Generator()] * 3), "3 generators for 1 images"),
+    (dict(latents=torch.zeros(1, 4, 3, 3)), r"latents have shape \(1, 4, 3, 3\)"),
+    (dict(sampler="Euler z"), "Euler a"),
+    (dict(prompt=[]), "prompt must be"),
+    (dict(output_type="jpg"), "output_type"),
+])
+def test_bad_input_is_a_clear_value_error(tiny_pipe, kwargs, match):
+    kwargs = {"prompt": "a red circle", "height": 16, "width": 16, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        tiny_pipe(**kwargs)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path):
+    from ldm.errors import UnsafeCheckpointError
+
+    marker = tmp_path / "pwned"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "payload": _RunsCode(marker)},
+               tmp_path / "model.ckpt")
+    with pytest.raises(UnsafeCheckpointError, match="model.ckpt"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "model.ckpt")
+    assert not marker.exists()
+
+
+def test_missing_path_and_folder_without_index_are_named(tmp_path):
+    from ldm.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="never downloads"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
+    with pytest.raises(CheckpointError, match="model_index.json"):
+        LatentDiffusionPipeline.from_pretrained(tmp_path)
