@@ -15,8 +15,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm import __version__
+from ldm.checkpoints.files import find_weights_file
 from ldm.diffusers_schedulers import plan_for, run
 from ldm.loading import Components, load_components, save_diffusers_folder, save_single_file, scheduler_from_config
+from ldm.metadata import file_hash, save_png
 from ldm.samplers import TorchNoise
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -26,6 +29,14 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 class PipelineOutput:
     images: Any  # list of PIL images, (B, H, W, 3) array in [0, 1], (B, 3, H, W) tensor, or latents
     seeds: list[int | None]  # the seed of each image (None where the caller passed generators we cannot name)
+    settings: list[dict[str, Any]]  # the resolved settings of each image, as stored in its PNG
+
+    def save(self, folder: str | Path, prefix: str = "image") -> list[Path]:
+        """Write each PIL image as `<prefix>-<k>-<seed>.png` with its generation parameters."""
+        if not isinstance(self.images, list):
+            raise ValueError("save() writes PIL images: call the pipeline with output_type='pil'")
+        return [save_png(image, Path(folder) / f"{prefix}-{k:03d}-{settings['seed']}.png", settings)
+                for k, (image, settings) in enumerate(zip(self.images, self.settings))]
 
 
 class LatentDiffusionPipeline:
@@ -131,13 +142,36 @@ class LatentDiffusionPipeline:
             latents = run(plan, model, latents, noise=noise, callback=on_step)
 
         # 5. Decode, unless latents were asked for.
+        settings = self._settings(prompts, negatives, num_images_per_prompt, seeds, height, width,
+                                  num_inference_steps, guidance_scale, sampler)
         if output_type == "latent":
-            return PipelineOutput(latents, seeds)
+            return PipelineOutput(latents, seeds, settings)
         image = self.vae.decode(self.vae.unscale_latents(latents.to(self.dtype))).float()
 
         # 6. Post-process to [0, 1] and the requested type.
         image = (image / 2 + 0.5).clamp(0, 1)
-        return PipelineOutput(_convert(image, output_type), seeds)
+        return PipelineOutput(_convert(image, output_type), seeds, settings)
+
+    def _settings(self, prompts, negatives, per_prompt, seeds, height, width, steps, guidance, sampler) -> list[dict]:
+        """Everything needed to regenerate each image (see ldm.metadata.regenerate_kwargs)."""
+        if sampler is None:  # the scheduler as a config dict: JSON-safe, and accepted back as `sampler=`
+            sampler = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
+            sampler["_class_name"] = type(self.scheduler).__name__
+        elif not isinstance(sampler, (str, dict)):
+            sampler = {**dict(sampler.config), "_class_name": type(sampler).__name__}
+        common = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance,
+                  "sampler": sampler, "model": self.source.get("path", ""), "model_hash": self.model_hash,
+                  "ldm_version": __version__}
+        return [{**common, "prompt": prompts[k // per_prompt], "negative_prompt": negatives[k // per_prompt],
+                 "seed": seed} for k, seed in enumerate(seeds)]
+
+    @property
+    def model_hash(self) -> str:
+        """A1111's short sha256 of the weights the model came from (a folder: its UNet weights)."""
+        path = Path(self.source.get("path", ""))
+        if path.is_dir():
+            path = find_weights_file(path / "unet")
+        return file_hash(str(path)) if path.is_file() else ""
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
         return self.text_encoder.encode(prompts).tokens.to(self.device)

@@ -156,3 +156,39 @@ def test_missing_path_and_folder_without_index_are_named(tmp_path):
         LatentDiffusionPipeline.from_pretrained(tmp_path / "nowhere")
     with pytest.raises(CheckpointError, match="model_index.json"):
         LatentDiffusionPipeline.from_pretrained(tmp_path)
+
+
+def test_png_metadata_regenerates_the_same_image(tiny_sd_folder, tmp_path):
+    from PIL import Image
+
+    from ldm.metadata import read_settings, regenerate_kwargs
+
+    kind, folder, _ = tiny_sd_folder
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    pipe.progress_bar = False
+    result = pipe(["a red circle", "赤い丸"], negative_prompt="blurry", num_inference_steps=3, height=16, width=16,
+                  guidance_scale=5.0, seed=7, sampler="DPM++ 2M Karras")
+    paths = result.save(tmp_path)
+    with Image.open(paths[1]) as png:
+        parameters = png.text["parameters"]
+    assert parameters.splitlines()[:2] == ["赤い丸", "Negative prompt: blurry"]
+    assert "Steps: 3, Sampler: DPM++ 2M Karras, CFG scale: 5.0, Seed: 8, Size: 16x16, Model hash: " in parameters
+    settings = read_settings(paths[1])
+    assert settings["model_hash"] == pipe.model_hash and len(settings["model_hash"]) == 10
+    again = pipe(**regenerate_kwargs(settings)).images[0]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(Image.open(paths[1])))
+    # The default sampler (the folder's scheduler) is stored as its config, and regenerates too.
+    default = pipe("a red circle", num_inference_steps=2, height=16, width=16, seed=1)
+    path = default.save(tmp_path, prefix="default")[0]
+    again = pipe(**regenerate_kwargs(read_settings(path))).images[0]
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(Image.open(path)))
+
+
+def test_reading_settings_from_a_foreign_png_is_a_clear_error(tmp_path):
+    from PIL import Image
+
+    from ldm.metadata import read_settings
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    with pytest.raises(ValueError, match="no ldm generation settings"):
+        read_settings(tmp_path / "plain.png")

@@ -1,0 +1,74 @@
+"""Generation parameters inside PNG files: A1111's `parameters` text (which many tools read) plus a lossless JSON
+of the resolved settings under `ldm`, from which `regenerate_kwargs` rebuilds the exact call."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, PngImagePlugin
+
+PARAMETERS_KEY = "parameters"
+SETTINGS_KEY = "ldm"
+# Settings that are arguments of LatentDiffusionPipeline.__call__, as stored in the JSON.
+CALL_ARGUMENTS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
+                  "sampler", "seed")
+
+
+def a1111_parameters(settings: dict[str, Any]) -> str:
+    """The three-line `parameters` text A1111 writes: prompt, negative prompt, then `Key: value` pairs."""
+    pairs = {
+        "Steps": settings["num_inference_steps"],
+        "Sampler": settings["sampler"],
+        "CFG scale": settings["guidance_scale"],
+        "Seed": settings["seed"],
+        "Size": f"{settings['width']}x{settings['height']}",
+        "Model hash": settings.get("model_hash") or "",
+        "Model": settings.get("model", ""),
+        "Version": f"ldm {settings.get('ldm_version', '')}",
+    }
+    lines = [settings["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items() if value != ""))
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: str | Path, settings: dict[str, Any]) -> Path:
+    """Write `image` with its settings; atomically, so a crash never leaves a half-written PNG at `path`."""
+    path = Path(path)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(PARAMETERS_KEY, a1111_parameters(settings))
+    info.add_itxt(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False, sort_keys=True))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    image.save(temporary, format="PNG", pnginfo=info)
+    temporary.replace(path)
+    return path
+
+
+def read_settings(path: str | Path) -> dict[str, Any]:
+    """The JSON settings stored by `save_png`; a clear error for a PNG without them."""
+    with Image.open(path) as image:
+        text = image.text.get(SETTINGS_KEY) if hasattr(image, "text") else None
+    if text is None:
+        raise ValueError(f"{path}: no ldm generation settings in this image (it was not written by ldm)")
+    return json.loads(text)
+
+
+def regenerate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments for LatentDiffusionPipeline.__call__ that reproduce the stored image."""
+    return {key: settings[key] for key in CALL_ARGUMENTS if key in settings}
+
+
+@lru_cache(maxsize=16)
+def file_hash(path: str) -> str:
+    """First 10 hex digits of the file's sha256 (A1111's `Model hash`)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:10]
