@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from ldm import __version__
 from ldm.checkpoints.files import find_weights_file
 from ldm.diffusers_schedulers import plan_for, run
+from ldm.guidance import ClassifierFreeGuidance, Conditioned
 from ldm.loading import Components, load_components, save_diffusers_folder, save_single_file, scheduler_from_config
 from ldm.metadata import file_hash, save_png
 from ldm.samplers import TorchNoise
@@ -104,6 +105,7 @@ class LatentDiffusionPipeline:
         output_type: str = "pil",
         callback: Callable | None = None,
         seed: int | None = None,
+        guidance_rescale: float = 0.0,
     ) -> PipelineOutput:
         # 1. Check inputs, before any compute.
         prompts = _as_list(prompt, "prompt")
@@ -111,6 +113,8 @@ class LatentDiffusionPipeline:
         negatives = _negatives(negative_prompt, len(prompts))
         height, width = self._check_size(height, width)
         _check_call(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
+        if not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1] (0 turns it off)")
         latent_shape = (batch, self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
         generators, seeds = _generators(generator, seed, batch)
         if latents is not None and tuple(latents.shape) != latent_shape:
@@ -120,10 +124,12 @@ class LatentDiffusionPipeline:
                         base_config=dict(self.scheduler.config))
 
         # 2. Encode prompts (each repeated per image), the negatives too when guidance is on.
-        guided = guidance_scale > 1.0
         context = self._encode(_repeat(prompts, num_images_per_prompt))
-        if guided:
-            context = torch.cat([self._encode(_repeat(negatives, num_images_per_prompt)), context])
+        if guidance_scale > 1.0:  # as in diffusers: a scale of 1 or less means no unconditional branch
+            negative = self._encode(_repeat(negatives, num_images_per_prompt))
+            net = ClassifierFreeGuidance(self.unet, negative, context, guidance_scale, guidance_rescale)
+        else:
+            net = Conditioned(self.unet, context)
 
         # 3. Prepare latents: image k's noise comes from its own generator, drawn on the CPU.
         if latents is None:
@@ -131,15 +137,14 @@ class LatentDiffusionPipeline:
         latents = latents.to(self.device, torch.float32)
 
         # 4. Denoise.
-        denoiser = plan.denoiser(self.unet)
-        model = _classifier_free(denoiser, context, guidance_scale) if guided else _conditioned(denoiser, context)
+        denoiser = plan.denoiser(net, dtype=self.dtype)
         noise = TorchNoise(latent_shape, generators, device=self.device)
         with tqdm(total=plan.num_steps, disable=not self.progress_bar, desc="sampling") as bar:
             def on_step(info):
                 bar.update(1)
                 if callback is not None:
                     callback(info)
-            latents = run(plan, model, latents, noise=noise, callback=on_step)
+            latents = run(plan, denoiser, latents, noise=noise, callback=on_step)
 
         # 5. Decode, unless latents were asked for.
         settings = self._settings(prompts, negatives, num_images_per_prompt, seeds, height, width,
@@ -247,23 +252,6 @@ def _generators(generator, seed: int | None, batch: int) -> tuple[list[torch.Gen
 
 def _repeat(prompts: list[str], times: int) -> list[str]:
     return [p for p in prompts for _ in range(times)]
-
-
-def _conditioned(denoiser, context: torch.Tensor):
-    def model(x, sigma, **kwargs):
-        return denoiser(x, sigma, context=context, **kwargs)
-
-    return model
-
-
-def _classifier_free(denoiser, context: torch.Tensor, scale: float):
-    """Classifier-free guidance in one batched forward: context is [unconditional; conditional]."""
-
-    def model(x, sigma, **kwargs):
-        uncond, cond = denoiser(torch.cat([x, x]), sigma, context=context, **kwargs).chunk(2)
-        return uncond + scale * (cond - uncond)
-
-    return model
 
 
 def _convert(image: torch.Tensor, output_type: str):

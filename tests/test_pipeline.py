@@ -7,7 +7,7 @@ from ldm import LatentDiffusionPipeline
 PROMPTS = ["a red circle", "a blue square on a black background"]
 
 
-def run_both(folder, output_type="np", steps=4):
+def run_both(folder, output_type="np", steps=4, **extra):
     """Our pipeline and diffusers' StableDiffusionPipeline, both loaded from `folder`, on the same inputs."""
     from diffusers import StableDiffusionPipeline
 
@@ -16,8 +16,8 @@ def run_both(folder, output_type="np", steps=4):
     ours = LatentDiffusionPipeline.from_pretrained(folder)
     ours.progress_bar = False
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    common = dict(num_inference_steps=steps, guidance_scale=6.0, latents=latents, output_type=output_type,
-                  height=16, width=16, negative_prompt=["blurry", "ugly"])
+    common = dict(num_inference_steps=steps, latents=latents, output_type=output_type,
+                  height=16, width=16, negative_prompt=["blurry", "ugly"], **{"guidance_scale": 6.0, **extra})
     expected = theirs(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **common).images
     actual = ours(PROMPTS, generator=[torch.Generator().manual_seed(s) for s in (5, 6)], **common).images
     return np.asarray(actual), np.asarray(expected)
@@ -40,6 +40,13 @@ def test_default_sampler_is_the_folders_scheduler_and_images_match(tiny_sd_folde
     actual, expected = run_both(folder)
     assert actual.shape == expected.shape == (2, 16, 16, 3)
     assert np.abs(actual - expected).max() <= 2e-3
+
+
+def test_guidance_rescale_and_no_guidance_match_diffusers(tiny_sd_folder):
+    kind, folder, _ = tiny_sd_folder
+    for extra in (dict(guidance_rescale=0.7), dict(guidance_scale=1.0)):
+        actual, expected = run_both(folder, output_type="latent", **extra)
+        np.testing.assert_allclose(actual, expected, atol=1e-3 * max(1.0, np.abs(expected).max()), rtol=0)
 
 
 @pytest.mark.parametrize("name, flags", [
