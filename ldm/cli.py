@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw
 
 DEMO_PROMPTS = ["a red circle", "a large blue square", "赤い丸", "青い四角の左に赤い丸"]
 
@@ -55,15 +54,13 @@ def demo(output: Path, steps: int, seed: int) -> Path:
     started = time.perf_counter()
     result = pipe(DEMO_PROMPTS, num_inference_steps=steps, height=64, width=64, seed=seed)
     elapsed = time.perf_counter() - started
+    result.save(output, prefix="demo")  # each image with its generation parameters
     images = [image.resize((128, 128), Image.NEAREST) for image in result.images]
     grid = labelled_grid(images, [f"{i}: seed {s}" for i, s in enumerate(result.seeds)], columns=len(images))
-    settings = {"model": "tiny-random", "prompts": DEMO_PROMPTS, "steps": steps, "seeds": result.seeds}
-    info = PngImagePlugin.PngInfo()
-    info.add_text("ldm", json.dumps(settings, ensure_ascii=False))
     output.mkdir(parents=True, exist_ok=True)
     path = output / "demo-grid.png"
-    temporary = path.with_suffix(".png.tmp")
-    grid.save(temporary, format="PNG", pnginfo=info)
+    temporary = path.with_name(f".{path.name}.tmp")
+    grid.save(temporary, format="PNG")
     temporary.replace(path)  # never a half-written grid
     print(f"generated {len(images)} images in {elapsed:.1f} s for: " + " | ".join(DEMO_PROMPTS))
     return path
