@@ -21,6 +21,7 @@ from ldm.diffusers_schedulers import plan_for, run
 from ldm.guidance import ClassifierFreeGuidance, Conditioned
 from ldm.loading import Components, load_components, save_diffusers_folder, save_single_file, scheduler_from_config
 from ldm.metadata import file_hash, save_png
+from ldm.prompts import encode_prompt
 from ldm.samplers import TorchNoise
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -124,12 +125,13 @@ class LatentDiffusionPipeline:
                         base_config=dict(self.scheduler.config))
 
         # 2. Encode prompts (each repeated per image), the negatives too when guidance is on.
-        context = self._encode(_repeat(prompts, num_images_per_prompt))
+        #    Long prompts become several encoder windows; one call keeps both branches at the same length.
         if guidance_scale > 1.0:  # as in diffusers: a scale of 1 or less means no unconditional branch
-            negative = self._encode(_repeat(negatives, num_images_per_prompt))
+            both = self._encode(_repeat(negatives, num_images_per_prompt) + _repeat(prompts, num_images_per_prompt))
+            negative, context = both.chunk(2)
             net = ClassifierFreeGuidance(self.unet, negative, context, guidance_scale, guidance_rescale)
         else:
-            net = Conditioned(self.unet, context)
+            net = Conditioned(self.unet, self._encode(_repeat(prompts, num_images_per_prompt)))
 
         # 3. Prepare latents: image k's noise comes from its own generator, drawn on the CPU.
         if latents is None:
@@ -179,7 +181,8 @@ class LatentDiffusionPipeline:
         return file_hash(str(path)) if path.is_file() else ""
 
     def _encode(self, prompts: list[str]) -> torch.Tensor:
-        return self.text_encoder.encode(prompts).tokens.to(self.device)
+        """Text tokens with A1111 emphasis `(word:1.3)` and chunking of prompts longer than the window."""
+        return encode_prompt(self.text_encoder, prompts).tokens.to(self.device)
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = 8 * self.latent_factor  # diffusers' sample_size is not carried; 64-px-latent models set it

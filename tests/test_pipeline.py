@@ -199,3 +199,13 @@ def test_reading_settings_from_a_foreign_png_is_a_clear_error(tmp_path):
     Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
     with pytest.raises(ValueError, match="no ldm generation settings"):
         read_settings(tmp_path / "plain.png")
+
+
+def test_long_prompts_are_chunked_not_cut_and_emphasis_changes_the_image(tiny_pipe):
+    call = dict(num_inference_steps=2, height=16, width=16, output_type="np", seed=4, guidance_scale=5.0)
+    long_prompt = ", ".join(["a red circle on a black background"] * 20)  # about 160 tokens: three windows
+    cut = ", ".join(["a red circle on a black background"] * 9)  # what a 75-token cut would keep, roughly
+    assert not np.allclose(tiny_pipe(long_prompt, **call).images, tiny_pipe(cut, **call).images)
+    plain = tiny_pipe("a red circle", **call).images
+    assert not np.allclose(tiny_pipe("a (red:1.5) circle", **call).images, plain)
+    np.testing.assert_array_equal(tiny_pipe("a (red:1.0) circle", **call).images, plain)
