@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ldm import __version__
 from ldm.checkpoints.files import find_weights_file
+from ldm.decoders import VAEDecoder
 from ldm.diffusers_schedulers import plan_for, run
 from ldm.guidance import ClassifierFreeGuidance, Conditioned
 from ldm.loading import Components, load_components, save_diffusers_folder, save_single_file, scheduler_from_config
@@ -46,6 +47,7 @@ class LatentDiffusionPipeline:
         self.unet = components.unet
         self.vae = components.vae
         self.text_encoder = components.text_encoder
+        self.decoder = VAEDecoder(self.vae)  # swappable: TiledVAEDecoder for large images, TAESD for speed
         self.scheduler = scheduler_from_config(_stable_diffusion_fixes(components.scheduler_config))
         self.source = components.source
         self.progress_bar = True
@@ -153,7 +155,7 @@ class LatentDiffusionPipeline:
                                   num_inference_steps, guidance_scale, sampler)
         if output_type == "latent":
             return PipelineOutput(latents, seeds, settings)
-        image = self.vae.decode(self.vae.unscale_latents(latents.to(self.dtype))).float()
+        image = self.decoder.decode(latents).float()
 
         # 6. Post-process to [0, 1] and the requested type.
         image = (image / 2 + 0.5).clamp(0, 1)

@@ -209,3 +209,21 @@ def test_long_prompts_are_chunked_not_cut_and_emphasis_changes_the_image(tiny_pi
     plain = tiny_pipe("a red circle", **call).images
     assert not np.allclose(tiny_pipe("a (red:1.5) circle", **call).images, plain)
     np.testing.assert_array_equal(tiny_pipe("a (red:1.0) circle", **call).images, plain)
+
+
+def test_the_decoder_is_swappable(tiny_pipe):
+    from ldm.decoders import TiledVAEDecoder, VAEDecoder
+
+    call = dict(num_inference_steps=2, height=32, width=32, seed=2)
+    latents = tiny_pipe("a red circle", output_type="latent", **call).images
+    tiled_decoder = TiledVAEDecoder(tiny_pipe.vae, tile=8, overlap=4)
+    try:
+        tiny_pipe.decoder = tiled_decoder
+        tiled = tiny_pipe("a red circle", output_type="pt", **call).images
+    finally:
+        tiny_pipe.decoder = VAEDecoder(tiny_pipe.vae)
+    with torch.no_grad():
+        expected = (tiled_decoder.decode(latents) / 2 + 0.5).clamp(0, 1)
+        untiled = (VAEDecoder(tiny_pipe.vae).decode(latents) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(tiled, expected)
+    assert not torch.allclose(tiled, untiled)  # the tiled path really ran
