@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from ldm.metadata import save_png
+
 DEMO_PROMPTS = ["a red circle", "a large blue square", "赤い丸", "青い四角の左に赤い丸"]
 
 
@@ -57,11 +59,7 @@ def demo(output: Path, steps: int, seed: int) -> Path:
     result.save(output, prefix="demo")  # each image with its generation parameters
     images = [image.resize((128, 128), Image.NEAREST) for image in result.images]
     grid = labelled_grid(images, [f"{i}: seed {s}" for i, s in enumerate(result.seeds)], columns=len(images))
-    output.mkdir(parents=True, exist_ok=True)
-    path = output / "demo-grid.png"
-    temporary = path.with_name(f".{path.name}.tmp")
-    grid.save(temporary, format="PNG")
-    temporary.replace(path)  # never a half-written grid
+    path = save_png(grid, output / "demo-grid.png")  # the images above carry the parameters
     print(f"generated {len(images)} images in {elapsed:.1f} s for: " + " | ".join(DEMO_PROMPTS))
     return path
 

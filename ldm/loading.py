@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
-import torch
 from transformers import CLIPTextConfig, T5Config
 
 from ldm.checkpoints import compvis
@@ -144,7 +143,7 @@ def save_diffusers_folder(components: Components, folder: str | Path) -> None:
     save_unet(components.unet, folder / "unet")
     save_vae(components.vae, folder / "vae")
     write_json(encoder.model.config.to_dict(), folder / "text_encoder" / "config.json")
-    save_state_dict(_contiguous(encoder.model.state_dict()), folder / "text_encoder" / "model.safetensors")
+    save_state_dict(encoder.model.state_dict(), folder / "text_encoder" / "model.safetensors")
     encoder.tokenizer.save_pretrained(folder / "tokenizer")
     write_json(components.scheduler_config, folder / "scheduler" / "scheduler_config.json")
     text_class = type(encoder.model).__name__
@@ -169,8 +168,8 @@ def save_single_file(components: Components, path: str | Path) -> None:
         raise ValueError("a CompVis single file holds a CLIP or OpenCLIP text encoder; T5 models stay diffusers folders")
     config = compvis.SingleFileConfig(components.unet.config, components.vae.config, spec,
                                       components.scheduler_config.get("prediction_type", "epsilon"))
-    parts = compvis.CheckpointParts(config, _contiguous(components.unet.state_dict()),
-                                    _contiguous(components.vae.state_dict()), _contiguous(encoder.model.state_dict()))
+    parts = compvis.CheckpointParts(config, components.unet.state_dict(), components.vae.state_dict(),
+                                    encoder.model.state_dict())
     metadata = {}
     if isinstance(encoder, CLIPTextEncoder):  # an OpenCLIP tower's config is read back from its shapes instead
         metadata[CONFIG_METADATA_KEY] = json.dumps(dataclasses.asdict(config))
@@ -188,10 +187,6 @@ def _single_file_config_from_json(text: str) -> compvis.SingleFileConfig:
         prediction_type=data["prediction_type"],
         schedule=compvis.NoiseSchedule(**data["schedule"]),
     )
-
-
-def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def scheduler_from_config(config: dict[str, Any]):

@@ -37,12 +37,13 @@ def a1111_parameters(settings: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def save_png(image: Image.Image, path: str | Path, settings: dict[str, Any]) -> Path:
-    """Write `image` with its settings; atomically, so a crash never leaves a half-written PNG at `path`."""
+def save_png(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> Path:
+    """Write `image` with its settings (if any); atomically, so a crash never leaves a half-written PNG."""
     path = Path(path)
     info = PngImagePlugin.PngInfo()
-    info.add_text(PARAMETERS_KEY, a1111_parameters(settings))
-    info.add_itxt(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False, sort_keys=True))
+    if settings is not None:
+        info.add_text(PARAMETERS_KEY, a1111_parameters(settings))
+        info.add_itxt(SETTINGS_KEY, json.dumps(settings, ensure_ascii=False, sort_keys=True))
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
     image.save(temporary, format="PNG", pnginfo=info)

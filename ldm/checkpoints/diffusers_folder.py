@@ -181,8 +181,7 @@ def _load_weights(module: nn.Module, folder: Path, variant: str | None) -> nn.Mo
 def save_component(module: nn.Module, config: dict, folder: Path, weights_name: str) -> None:
     """Write `config.json` and `<weights_name>.safetensors` for one component."""
     write_json(config, folder / "config.json")
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
-    save_state_dict(state, folder / f"{weights_name}.safetensors")
+    save_state_dict(module.state_dict(), folder / f"{weights_name}.safetensors")  # it copies strided tensors
 
 
 def save_unet(unet: UNet, folder: Path) -> None:
