@@ -71,7 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     demo_parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
     demo_parser.add_argument("--steps", type=int, default=20)
     demo_parser.add_argument("--seed", type=int, default=0)
+    train_parser = commands.add_parser("train", help="train (or resume) a stage from a YAML config")
+    train_parser.add_argument("config", type=Path, help="e.g. configs/train/shapes-autoencoder.yaml")
+    train_parser.add_argument("overrides", nargs="*", help="dotted overrides such as train.steps=100")
     args = parser.parse_args(argv)
     if args.command == "demo":
         print(demo(args.output, args.steps, args.seed).resolve())
+    elif args.command == "train":
+        from ldm.training.stages import train
+
+        print(train(args.config, args.overrides).resolve())
     return 0

@@ -437,6 +437,31 @@ def clip_tokenizer(max_length: int = 77, pad_token: str = _CLIP_EOS) -> CLIPToke
     )
 
 
+def compact_clip_tokenizer(texts: Sequence[str], max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer whose vocabulary keeps only what `texts` need: the 512 byte symbols, the merges that build
+    their tokens, and the two special tokens (ids in CLIP's order, specials last).
+
+    The given texts tokenize exactly as with the full 49,408-token vocabulary (BPE applies the lowest-ranked merge
+    present, and every merge those texts use is kept in its relative order); other words fall back to smaller
+    pieces. A model trained on a closed world then needs a token table of hundreds of rows, not 49,408.
+    """
+    vocab, merges = _openai_clip_vocabulary()
+    full = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
+    needed = {token for text in set(texts) for token in full.tokenize(text)}
+    kept_merges = []
+    for first, second in reversed(merges):  # a token's parts come from lower-ranked merges, visited later
+        if first + second in needed:
+            needed.update((first, second))
+            kept_merges.append((first, second))
+    byte_symbols = list(bytes_to_unicode().values())
+    tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols]
+    tokens += ["".join(pair) for pair in reversed(kept_merges)] + [_CLIP_BOS, _CLIP_EOS]
+    return CLIPTokenizer(
+        vocab={token: index for index, token in enumerate(tokens)}, merges=kept_merges[::-1],
+        pad_token=_CLIP_EOS, model_max_length=max_length,
+    )
+
+
 def open_clip_tokenizer(context_length: int = 77) -> SimpleTokenizer:
     """open_clip's own tokenizer (same vocabulary; it also runs ftfy, which e.g. maps full-width "！" to "!"
     where transformers' tokenizer keeps it)."""

@@ -1,0 +1,251 @@
+"""The shapes world: procedurally generated scenes whose truth is known exactly, with English and Japanese captions.
+
+A scene is 1-3 flat shapes (circle, square, upright triangle) in six palette colours and two sizes on a white,
+black or gray background, never touching. Every scene carries its scene graph, so a generated image can be
+scored against the prompt that asked for it (`ldm.evaluation`). Geometry is defined on a 64-pixel canvas and
+scaled to any other size.
+
+Three colour-shape pairs never appear in training images or captions (`HELD_OUT`); asking for them tests
+compositional generalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+COLORS = {
+    "red": (230, 25, 45),
+    "green": (40, 180, 75),
+    "blue": (30, 90, 220),
+    "yellow": (250, 215, 30),
+    "purple": (145, 50, 180),
+    "orange": (245, 130, 35),
+}
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ("small", "large")
+RELATIONS = ("left of", "right of", "above", "below")
+HELD_OUT = frozenset({("purple", "triangle"), ("orange", "circle"), ("green", "square")})
+
+CANVAS = 64                                 # the geometry below is in pixels of a 64-pixel canvas
+HALF_EXTENT = {"small": 6.0, "large": 12.0}  # half the bounding-box side of a shape
+MIN_GAP = 3.0                                # closest two bounding boxes may come
+SUPERSAMPLING = 4                            # edges are antialiased; interiors keep the exact palette colours
+
+JA_COLORS = {"red": "赤い", "green": "緑の", "blue": "青い", "yellow": "黄色い", "purple": "紫の", "orange": "オレンジの"}
+JA_SHAPES = {"circle": "丸", "square": "四角", "triangle": "三角"}
+JA_SIZES = {"small": "小さい", "large": "大きい"}
+JA_BACKGROUNDS = {"white": "白い", "black": "黒い", "gray": "灰色の"}
+JA_RELATIONS = {"left of": "左", "right of": "右", "above": "上", "below": "下"}
+EN_NUMBERS = {2: "two", 3: "three"}
+JA_NUMBERS = {2: "二つ", 3: "三つ"}
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    color: str
+    size: str
+    x: float = CANVAS / 2  # centre, in pixels of the 64-pixel canvas
+    y: float = CANVAS / 2
+
+    @property
+    def half_extent(self) -> float:
+        return HALF_EXTENT[self.size]
+
+
+@dataclass(frozen=True)
+class Scene:
+    background: str
+    objects: tuple[ShapeObject, ...]
+
+
+# ---------------------------------------------------------------------------------------------------- rendering
+
+def render(scene: Scene, size: int = CANVAS) -> Image.Image:
+    """Draw the scene at size x size pixels (antialiased edges, exact palette colours inside each shape)."""
+    scale = size * SUPERSAMPLING / CANVAS
+    canvas = Image.new("RGB", (size * SUPERSAMPLING,) * 2, BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(canvas)
+    for obj in scene.objects:
+        x, y, r = obj.x * scale, obj.y * scale, obj.half_extent * scale
+        color = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=color)
+        elif obj.shape == "square":
+            draw.rectangle((x - r, y - r, x + r, y + r), fill=color)
+        else:
+            draw.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=color)
+    return canvas.resize((size, size), Image.BOX)
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1], the range the autoencoder works in."""
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------- relations
+
+def relation(a: ShapeObject, b: ShapeObject) -> str | None:
+    """Where a lies relative to b, when one axis clearly dominates (else None: the pair is ambiguous)."""
+    dx, dy = a.x - b.x, a.y - b.y
+    if abs(dx) >= 1.5 * abs(dy):
+        return "left of" if dx < 0 else "right of"
+    if abs(dy) >= 1.5 * abs(dx):
+        return "above" if dy < 0 else "below"
+    return None
+
+
+def _touching(a: ShapeObject, b: ShapeObject) -> bool:
+    reach = a.half_extent + b.half_extent + MIN_GAP
+    return abs(a.x - b.x) < reach and abs(a.y - b.y) < reach
+
+
+# ------------------------------------------------------------------------------------------------- sampling
+
+SCENE_KINDS = {"single": 0.2, "pair": 0.4, "pair_same": 0.1, "triple_same": 0.1, "triple": 0.2}
+
+
+def allowed_pairs(held_out: frozenset = HELD_OUT) -> list[tuple[str, str]]:
+    return [(color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in held_out]
+
+
+def sample_scene(rng: np.random.Generator, held_out: frozenset = HELD_OUT) -> Scene:
+    """A random scene; two-object scenes always have a clear spatial relation so their captions can state it."""
+    pairs = allowed_pairs(held_out)
+    kinds = list(SCENE_KINDS)
+    kind = kinds[rng.choice(len(kinds), p=list(SCENE_KINDS.values()))]
+    count = {"single": 1, "pair": 2, "pair_same": 2, "triple_same": 3, "triple": 3}[kind]
+    same = kind.endswith("_same")
+    while True:
+        first = pairs[rng.integers(len(pairs))]
+        looks = [first if same else pairs[rng.integers(len(pairs))] for _ in range(count)]
+        if not same and count > 1 and len(set(looks)) == 1:
+            continue  # "two different objects" must differ in colour or shape
+        sizes = [SIZES[rng.integers(2)] for _ in range(count)]
+        objects = _place(rng, [ShapeObject(shape, color, size) for (color, shape), size in zip(looks, sizes)])
+        if objects is not None and (count != 2 or relation(*objects) is not None):
+            background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+            return Scene(background, tuple(objects))
+
+
+def _place(rng: np.random.Generator, objects: list[ShapeObject], tries: int = 50) -> list[ShapeObject] | None:
+    placed: list[ShapeObject] = []
+    for obj in objects:
+        for _ in range(tries):
+            low, high = obj.half_extent + 1, CANVAS - obj.half_extent - 1
+            x, y = (round(float(value), 1) for value in rng.uniform(low, high, size=2))
+            candidate = ShapeObject(obj.shape, obj.color, obj.size, x, y)
+            if not any(_touching(candidate, other) for other in placed):
+                placed.append(candidate)
+                break
+        else:
+            return None
+    return placed
+
+
+# ------------------------------------------------------------------------------------------------- captions
+
+def object_phrase(obj: ShapeObject, language: str, with_size: bool) -> str:
+    """'a large red circle' / '大きい赤い丸'."""
+    if language == "ja":
+        return (JA_SIZES[obj.size] if with_size else "") + JA_COLORS[obj.color] + JA_SHAPES[obj.shape]
+    words = [obj.size] if with_size else []
+    return " ".join(["a", *words, obj.color, obj.shape])
+
+
+def count_phrase(obj: ShapeObject, count: int, language: str) -> str:
+    """'two yellow triangles' / '黄色い三角が二つ'."""
+    if language == "ja":
+        return f"{JA_COLORS[obj.color]}{JA_SHAPES[obj.shape]}が{JA_NUMBERS[count]}"
+    return f"{EN_NUMBERS[count]} {obj.color} {obj.shape}s"
+
+
+def relation_phrase(a: ShapeObject, where: str, b: ShapeObject, language: str, with_size: bool) -> str:
+    """'a red circle to the left of a blue square' / '青い四角の左に赤い丸' (a is where relative to b)."""
+    first, second = object_phrase(a, language, with_size), object_phrase(b, language, with_size)
+    if language == "ja":
+        return f"{second}の{JA_RELATIONS[where]}に{first}"
+    preposition = {"left of": "to the left of", "right of": "to the right of"}.get(where, where)
+    return f"{first} {preposition} {second}"
+
+
+def list_phrase(phrases: list[str], language: str) -> str:
+    """'a, b and c' / 'aとbとc'."""
+    if language == "ja":
+        return "と".join(phrases)
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def with_background(phrase: str, background: str, language: str) -> str:
+    """'a red square on a black background' / '黒い背景に赤い四角'."""
+    if language == "ja":
+        return f"{JA_BACKGROUNDS[background]}背景に{phrase}"
+    return f"{phrase} on a {background} background"
+
+
+def captions(scene: Scene, languages: tuple[str, ...] = ("en", "ja")) -> list[str]:
+    """Every phrasing that truthfully describes the scene: with and without sizes, background and ordering."""
+    texts = []
+    for language in languages:
+        for phrase in _content_phrases(scene, language):
+            texts += [phrase, with_background(phrase, scene.background, language)]
+    return list(dict.fromkeys(texts))
+
+
+def _content_phrases(scene: Scene, language: str) -> list[str]:
+    objects = scene.objects
+    looks = {(obj.color, obj.shape) for obj in objects}
+    if len(objects) > 1 and len(looks) == 1:
+        return [count_phrase(objects[0], len(objects), language)]
+    phrases = []
+    for with_size in (False, True):
+        if len(objects) == 2 and (where := relation(*objects)) is not None:
+            phrases.append(relation_phrase(objects[0], where, objects[1], language, with_size))
+            phrases.append(relation_phrase(objects[1], OPPOSITE[where], objects[0], language, with_size))
+        for order in (objects, objects[::-1]):  # both directions of a list, not every permutation
+            phrases.append(_grouped_list(list(order), language, with_size))
+    return list(dict.fromkeys(phrases))
+
+
+def _grouped_list(objects: list[ShapeObject], language: str, with_size: bool) -> str:
+    """Objects as a list, identical-looking ones counted ('two red circles and a blue square')."""
+    groups: dict[tuple[str, str], list[ShapeObject]] = {}
+    for obj in objects:
+        groups.setdefault((obj.color, obj.shape), []).append(obj)
+    phrases = []
+    for members in groups.values():
+        if len(members) == 1:
+            phrases.append(object_phrase(members[0], language, with_size))
+        else:
+            phrases.append(count_phrase(members[0], len(members), language))
+    return list_phrase(phrases, language)
+
+
+# ------------------------------------------------------------------------------------------------- dataset
+
+class ShapesDataset(torch.utils.data.Dataset):
+    """Scene i is a pure function of (seed, i): rendered on the fly, identical across runs and processes.
+
+    Items are {"image": (3, size, size) in [-1, 1], "captions": [...]}, the format `ldm.training` reads.
+    """
+
+    def __init__(self, length: int = 100_000, size: int = CANVAS, seed: int = 0,
+                 languages: tuple[str, ...] = ("en", "ja"), held_out: frozenset = HELD_OUT):
+        self.length, self.size, self.seed = length, size, seed
+        self.languages, self.held_out = tuple(languages), frozenset(map(tuple, held_out))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def scene(self, index: int) -> Scene:
+        return sample_scene(np.random.default_rng([self.seed, index]), self.held_out)
+
+    def __getitem__(self, index: int) -> dict:
+        scene = self.scene(index)
+        return {"image": to_tensor(render(scene, self.size)), "captions": captions(scene, self.languages)}

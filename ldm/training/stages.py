@@ -1,0 +1,185 @@
+"""`ldm train CONFIG.yaml`: build a training stage from an omegaconf file and run it.
+
+A config names its `task` (autoencoder | text_to_image), its `data` as `{target, params}` (targets must be
+`ldm.` names: a YAML file never imports arbitrary code), the model configs, and `train` (TrainSettings). See
+configs/train/ for the two stages of the embedded shapes model.
+
+Datasets yield {"image": (3, H, W) in [-1, 1], "captions": [str, ...]}; one caption is drawn per use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from ldm.checkpoints.diffusers_folder import load_vae, save_vae
+from ldm.loading import Components, save_diffusers_folder
+from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
+from ldm.models.unet import UNet, UNetConfig
+from ldm.schedules import NoiseSchedule
+from ldm.training.loop import Trainer, TrainSettings
+from ldm.training.objectives import AutoencoderObjective, TextToImageObjective, start_posterior_narrow
+
+TASKS = ("autoencoder", "text_to_image")
+
+
+# ----------------------------------------------------------------------------------------------- config helpers
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> DictConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"training config {path} does not exist; see configs/train/ for examples")
+    config = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_dotlist(list(overrides)))
+    if config.get("task") not in TASKS:
+        raise ValueError(f"{path}: task={config.get('task')!r}; choose one of {TASKS}")
+    return config
+
+
+def instantiate(spec: DictConfig, where: str):
+    """Build `{target: ldm.some.Name, params: {...}}`; only the package's own names may be targets."""
+    target = spec.get("target", "")
+    if not target.startswith("ldm."):
+        raise ValueError(f"{where}.target={target!r}: targets must be ldm names such as ldm.data.shapes.ShapesDataset")
+    module_name, _, name = target.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"{where}.target={target!r} does not exist ({error})") from error
+    return factory(**OmegaConf.to_container(spec.get("params", {}), resolve=True))
+
+
+def dataclass_from(cls, section: DictConfig | dict | None, where: str):
+    """A dataclass from a config section, naming any unknown field and the allowed ones."""
+    values = OmegaConf.to_container(OmegaConf.create(section or {}), resolve=True)
+    allowed = {field.name for field in fields(cls)}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; allowed: {sorted(allowed)}")
+    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
+
+
+def train(config_path: str | Path, overrides: list[str] = ()) -> Path:
+    """Run (or resume) the stage a config describes; returns the folder of the exported model."""
+    config = load_config(config_path, overrides)
+    output = Path(config.output)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
+    settings = dataclass_from(TrainSettings, config.get("train"), "train")
+    torch.manual_seed(settings.seed)  # model initialisation; every later draw uses its own generator
+    stage = autoencoder_stage if config.task == "autoencoder" else text_to_image_stage
+    trainer = stage(config, settings, output)
+    trainer.run()
+    return output / "model"
+
+
+def _images(dataset, indices: torch.Tensor) -> torch.Tensor:
+    return torch.stack([dataset[int(i)]["image"] for i in indices])
+
+
+# ------------------------------------------------------------------------------------------- stage 1: the VAE
+
+def autoencoder_stage(config: DictConfig, settings: TrainSettings, output: Path) -> Trainer:
+    dataset = instantiate(config.data, "data")
+    vae = AutoencoderKL(dataclass_from(AutoencoderConfig, config.get("autoencoder"), "autoencoder"))
+    loss = dict(config.get("loss", {}))
+    start_posterior_narrow(vae, loss.pop("initial_logvar", -8.0))
+    objective = AutoencoderObjective(vae, **loss)
+    device = settings.device
+
+    def batch(indices, generator):
+        return (_images(dataset, indices).to(device),)
+
+    return Trainer(objective, len(dataset), batch, settings, output, export=lambda folder: save_vae(vae, folder))
+
+
+# --------------------------------------------------------------------------------- stage 2: text-to-image
+
+def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Path) -> Trainer:
+    dataset = instantiate(config.data, "data")
+    vae = load_vae(_vae_folder(Path(config.autoencoder))).requires_grad_(False)
+    cache = latent_cache(dataset, vae, output / "latents.pt", config.get("latent_cache", len(dataset)))
+    vae.config = replace(vae.config, scaling_factor=cache["scaling_factor"])
+    tokenizer = _tokenizer(config, dataset, output)
+    text_config = CLIPTextConfig(**OmegaConf.to_container(config.text_encoder, resolve=True),
+                                 vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    text_model = CLIPTextModel(text_config)
+    unet = UNet(replace(dataclass_from(UNetConfig, config.get("unet"), "unet"),
+                        context_dim=text_config.hidden_size))
+    diffusion = dict(config.get("diffusion", {}))
+    caption_dropout = diffusion.pop("caption_dropout", 0.1)
+    prediction_type = diffusion.pop("prediction_type", "epsilon")
+    schedule = NoiseSchedule.from_config(**diffusion)
+    objective = TextToImageObjective(unet, text_model, schedule, prediction_type)
+    encoder = CLIPTextEncoder(text_model, tokenizer)
+    scaled = cache["latents"] * cache["scaling_factor"]
+    device = settings.device
+
+    def batch(indices, generator):
+        drop = torch.rand(len(indices), generator=generator) < caption_dropout
+        texts = [_pick(cache["captions"][int(i)], generator) if not dropped else ""
+                 for i, dropped in zip(indices, drop.tolist())]
+        ids, _ = encoder.frame(encoder.tokenize(texts))
+        return scaled[indices].float().to(device), ids.to(device)
+
+    def export(folder: Path):
+        scheduler_config = {"_class_name": "DPMSolverMultistepScheduler", "prediction_type": prediction_type,
+                            "steps_offset": 1, **diffusion}
+        components = Components(unet.eval(), vae, CLIPTextEncoder(text_model.eval(), tokenizer),
+                                scheduler_config, {"path": str(folder), "format": "diffusers"})
+        save_diffusers_folder(components, folder)
+        unet.train(), text_model.train()
+
+    unet.train(), text_model.train()
+    return Trainer(objective, len(cache["captions"]), batch, settings, output, export)
+
+
+def _pick(captions: list[str], generator: torch.Generator) -> str:
+    return captions[int(torch.randint(len(captions), (1,), generator=generator))]
+
+
+def _vae_folder(path: Path) -> Path:
+    """Accept a VAE folder or a pipeline folder holding vae/."""
+    return path / "vae" if (path / "vae" / "config.json").is_file() else path
+
+
+def _tokenizer(config: DictConfig, dataset, output: Path):
+    """The full CLIP vocabulary, or (vocabulary_items: N) a compact one covering the captions of N items."""
+    items = config.get("vocabulary_items")
+    max_length = config.text_encoder.get("max_position_embeddings", 77)
+    if items is None:
+        return clip_tokenizer(max_length)
+    saved = output / "tokenizer"
+    if (saved / "vocab.json").is_file():  # a resumed run must keep its ids
+        return load_tokenizer(saved)
+    texts = [text for index in range(min(items, len(dataset))) for text in dataset[index]["captions"]]
+    tokenizer = compact_clip_tokenizer(texts, max_length)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+@torch.no_grad()
+def latent_cache(dataset, vae: AutoencoderKL, path: Path, count: int, batch_size: int = 256) -> dict[str, Any]:
+    """Encode the first `count` items once (posterior means) and keep their captions; the latent std measured
+    here sets the VAE's scaling_factor, so the UNet sees unit-variance latents as SD's does."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    latents, captions = [], []
+    for start in range(0, count, batch_size):
+        items = [dataset[index] for index in range(start, min(start + batch_size, count))]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            latents.append(vae.encode(torch.stack([item["image"] for item in items])).mean.float())
+        captions += [item["captions"] for item in items]
+    latents = torch.cat(latents)
+    cache = {"latents": latents.half(), "captions": captions, "scaling_factor": float(1 / latents.std())}
+    temporary = path.with_suffix(".tmp")
+    torch.save(cache, temporary)
+    temporary.replace(path)
+    return cache

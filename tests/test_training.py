@@ -1,0 +1,196 @@
+"""The trainer: closed-form diffusion targets, exact resume, DDP == gradient accumulation, exports diffusers reads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ldm.data.shapes import ShapesDataset
+from ldm.models.text_encoders import clip_tokenizer, compact_clip_tokenizer
+from ldm.schedules import NoiseSchedule
+from ldm.training.objectives import TextToImageObjective
+from ldm.training.stages import dataclass_from, instantiate, load_config, train
+from ldm.training.loop import TrainSettings
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_AUTOENCODER = {
+    "task": "autoencoder",
+    "data": {"target": "ldm.data.shapes.ShapesDataset", "params": {"length": 64, "size": 16, "seed": 0}},
+    "autoencoder": {"channels": [8, 16], "layers_per_level": 1, "latent_channels": 4, "norm_groups": 4,
+                    "mid_attention": False},
+    "train": {"steps": 4, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "precision": "fp32",
+              "checkpoint_every": 2, "log_every": 1, "seed": 0},
+}
+
+
+def _tiny_text_to_image(autoencoder: Path) -> dict:
+    return {
+        "task": "text_to_image",
+        "autoencoder": str(autoencoder),
+        "data": {"target": "ldm.data.shapes.ShapesDataset", "params": {"length": 32, "size": 16, "seed": 1}},
+        "latent_cache": 32,
+        "vocabulary_items": 32,
+        "text_encoder": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "max_position_embeddings": 77},
+        "unet": {"channels": [8, 16], "layers_per_level": 1, "attention_levels": [False, True], "heads": [1, 2],
+                 "transformer_depth": [1, 1], "norm_groups": 4},
+        "diffusion": {"prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2",
+                      "caption_dropout": 0.2},
+        "train": {"steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "precision": "fp32",
+                  "ema_decay": 0.9, "checkpoint_every": 3, "log_every": 1, "seed": 0},
+    }
+
+
+def _write(config: dict, folder: Path, name: str = "config.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {f"{file.parent.name}/{key}": value for file in sorted(folder.rglob("*.safetensors"))
+            for key, value in load_file(file).items()}
+
+
+@pytest.fixture(scope="module")
+def trained_autoencoder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("autoencoder")
+    return train(_write({**TINY_AUTOENCODER, "output": str(folder / "run")}, folder))
+
+
+# ------------------------------------------------------------------------------------------------ vocabulary
+
+def test_compact_vocabulary_tokenizes_training_texts_like_full_clip():
+    dataset = ShapesDataset(length=200, seed=3)
+    texts = [text for index in range(200) for text in dataset[index]["captions"]]
+    compact, full = compact_clip_tokenizer(texts), clip_tokenizer()
+    assert len(compact) < 1000
+    for text in texts[::7] + ["赤い丸", "a red circle to the left of a blue square"]:
+        assert compact.tokenize(text) == full.tokenize(text)
+    # unseen words still tokenize, into byte-level pieces the compact vocabulary holds
+    ids = compact("an unseen zebra", add_special_tokens=True)["input_ids"]
+    assert max(ids) == compact.eos_token_id == len(compact) - 1 and ids[0] == compact.bos_token_id
+
+
+# -------------------------------------------------------------------------------------------------- objectives
+
+class _Oracle(torch.nn.Module):
+    """Knows the clean latents, so it can return the exact target the objective asks for."""
+
+    def __init__(self, clean: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str):
+        super().__init__()
+        self.clean, self.alphas_cumprod, self.prediction_type = clean, alphas_cumprod, prediction_type
+
+    def forward(self, noisy, timesteps, context):
+        alpha_bar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+        signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        noise = (noisy - signal * self.clean) / sigma  # x_t = signal * x0 + sigma * eps, solved for eps
+        return {"epsilon": noise, "v_prediction": (signal * noisy - self.clean) / sigma,
+                "sample": self.clean}[self.prediction_type]
+
+
+class _Text(torch.nn.Module):
+    def forward(self, ids):
+        return type("Output", (), {"last_hidden_state": torch.zeros(ids.shape[0], ids.shape[1], 4)})
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_diffusion_loss_is_zero_for_the_exact_target(prediction_type):
+    schedule = NoiseSchedule.from_config("squaredcos_cap_v2")
+    clean = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    objective = TextToImageObjective(_Oracle(clean, schedule.alphas_cumprod, prediction_type), _Text(), schedule,
+                                     prediction_type)
+    loss, _ = objective(clean, torch.zeros(6, 5, dtype=torch.long), torch.Generator().manual_seed(1))
+    assert loss.item() < 1e-8
+    wrong = TextToImageObjective(_Oracle(clean + 0.1, schedule.alphas_cumprod, prediction_type), _Text(), schedule,
+                                 prediction_type)
+    assert wrong(clean, torch.zeros(6, 5, dtype=torch.long), torch.Generator().manual_seed(1))[0].item() > 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+def test_autoencoder_training_lowers_the_loss(tmp_path):
+    config = {**TINY_AUTOENCODER, "output": str(tmp_path / "run"),
+              "train": {**TINY_AUTOENCODER["train"], "steps": 80, "lr": 3e-3, "checkpoint_every": 80, "log_every": 20}}
+    train(_write(config, tmp_path))
+    losses = [yaml.safe_load(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_resumed_run_continues_exactly(tmp_path, trained_autoencoder):
+    straight = _write({**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "straight")},
+                      tmp_path, "straight.yaml")
+    train(straight, ["train.steps=4", "train.checkpoint_every=4"])
+    interrupted = _write({**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "resumed")},
+                         tmp_path, "resumed.yaml")
+    train(interrupted, ["train.steps=2", "train.checkpoint_every=2"])  # stops at step 2 as if killed after it
+    train(interrupted, ["train.steps=4", "train.checkpoint_every=2"])
+    first, second = _weights(tmp_path / "straight" / "model"), _weights(tmp_path / "resumed" / "model")
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+
+
+def test_exported_model_matches_diffusers(tmp_path, trained_autoencoder):
+    from diffusers import StableDiffusionPipeline
+
+    from ldm import LatentDiffusionPipeline
+
+    model = train(_write({**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "run")}, tmp_path))
+    ours = LatentDiffusionPipeline.from_pretrained(model)
+    theirs = StableDiffusionPipeline.from_pretrained(model, safety_checker=None)
+    theirs.set_progress_bar_config(disable=True)
+    ours.progress_bar = False
+    latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    kwargs = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 16, "width": 16, "output_type": "np"}
+    expected = theirs("赤い丸", latents=latents, **kwargs).images
+    actual = ours("赤い丸", latents=latents, **kwargs).images
+    np.testing.assert_allclose(actual, expected, atol=2e-3)
+    # the latent scaling was measured from the data: unit variance in the UNet's space
+    cached = torch.load(tmp_path / "run" / "latents.pt", weights_only=True)
+    assert ours.vae.config.scaling_factor == pytest.approx(1 / cached["latents"].float().std().item(), rel=1e-3)
+
+
+def test_two_processes_equal_one_process_with_accumulation(tmp_path, trained_autoencoder):
+    base = _tiny_text_to_image(trained_autoencoder)
+    base["train"] = {**base["train"], "steps": 2, "checkpoint_every": 2}
+    single = _write({**base, "output": str(tmp_path / "single"),
+                     "train": {**base["train"], "grad_accumulation": 2}}, tmp_path, "single.yaml")
+    train(single)
+    double = _write({**base, "output": str(tmp_path / "ddp")}, tmp_path, "ddp.yaml")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+         "-m", "ldm", "train", str(double)],
+        capture_output=True, text=True, env=environment, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second = _weights(tmp_path / "single" / "model"), _weights(tmp_path / "ddp" / "model")
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+# ------------------------------------------------------------------------------------------------ bad configs
+
+def test_bad_configs_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="task"):
+        load_config(_write({**TINY_AUTOENCODER, "task": "painting"}, tmp_path))
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['stepz'\]"):
+        dataclass_from(TrainSettings, {"stepz": 3}, "train")
+    with pytest.raises(ValueError, match="targets must be ldm names"):
+        instantiate({"target": "os.system", "params": {"command": "true"}}, "data")
+    with pytest.raises(ValueError, match="precision"):
+        TrainSettings(precision="fp8").check()
