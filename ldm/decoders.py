@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm.checkpoints.files import load_into, load_state_dict
 from ldm.models.autoencoder import AutoencoderKL
 
 
@@ -195,8 +196,8 @@ class TinyAutoencoderDecoder(nn.Module):
 
     Input: UNet-space latents as they are, with no unscaling; TAESD was trained on SD's scaled latents (which
     is why diffusers' AutoencoderTiny has scaling_factor 1.0). Output: image in [-1, 1], config.upsampling_factor
-    times larger. `layers` is indexed like diffusers' DecoderTiny.layers, so the `decoder.*` part of an
-    AutoencoderTiny state dict loads once the prefix is stripped (see diffusers_tiny_decoder_state_dict).
+    times larger. `layers` is indexed like diffusers' DecoderTiny.layers; `load_tiny_decoder` reads weights in
+    diffusers' layout or the original taesd_decoder.pth one.
     """
 
     def __init__(self, config: TinyDecoderConfig = TinyDecoderConfig()):
@@ -223,10 +224,26 @@ class TinyAutoencoderDecoder(nn.Module):
         return self(latents.to(_dtype_of(self)))
 
 
-def diffusers_tiny_decoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The decoder half of a diffusers AutoencoderTiny state dict, keyed for TinyAutoencoderDecoder."""
-    prefix = "decoder."
-    decoder = {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
-    if not decoder:
-        raise ValueError("no 'decoder.*' keys in this state dict; is it a diffusers AutoencoderTiny (TAESD)?")
-    return decoder
+def tiny_decoder_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """TAESD decoder weights keyed for TinyAutoencoderDecoder, from either published layout:
+    - diffusers' AutoencoderTiny (`decoder.layers.N.*`; the encoder half is dropped);
+    - the original `taesd_decoder.pth` (`N.*`), whose Sequential starts with the clamp, so index N is our N - 1.
+    """
+    prefix = "decoder.layers."
+    if any(key.startswith(prefix) for key in state_dict):
+        return {"layers." + key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
+    if state_dict and all(key.split(".")[0].isdigit() for key in state_dict):
+        renamed = {}
+        for key, value in state_dict.items():
+            index, _, rest = key.partition(".")
+            renamed[f"layers.{int(index) - 1}.{rest}"] = value
+        return renamed
+    raise ValueError("these are not TAESD decoder weights: expected diffusers AutoencoderTiny keys ('decoder.layers.*') "
+                     "or the original taesd_decoder.pth layout ('1.weight', '3.conv.0.weight', ...)")
+
+
+def load_tiny_decoder(path, config: TinyDecoderConfig = TinyDecoderConfig()) -> TinyAutoencoderDecoder:
+    """A TAESD decoder from a weights file in either layout (safetensors, or a pickle read with weights_only)."""
+    decoder = TinyAutoencoderDecoder(config)
+    load_into(decoder, tiny_decoder_state_dict(load_state_dict(path)), path)
+    return decoder.eval()

@@ -41,9 +41,29 @@ class Components:
     source: dict[str, Any] = field(default_factory=dict)  # where it came from: path, format, sha256 prefix
 
 
+# Models that ship inside the package, by name: trained by ldm's own trainer (see weights.md).
+EMBEDDED_MODELS = {"shapes": Path(__file__).parent / "weights" / "shapes"}
+DEFAULT_MODEL = "shapes"
+
+
+def resolve_model(path: str | Path) -> Path:
+    """An embedded model's name -> its folder; anything else is a path."""
+    if str(path) in EMBEDDED_MODELS:
+        folder = EMBEDDED_MODELS[str(path)]
+        if not is_diffusers_folder(folder):
+            raise CheckpointError(folder, f"the embedded model {str(path)!r} is missing from this installation; "
+                                  "reinstall ldm, or train it with the commands in weights.md")
+        return folder
+    return Path(path)
+
+
 def load_components(path: str | Path, config: str | Path | None = None, variant: str | None = None) -> Components:
-    """A diffusers folder (model_index.json) or a single .safetensors/.ckpt file (with an optional CompVis YAML)."""
-    path = Path(path)
+    """An embedded model's name ("shapes"), a diffusers folder (model_index.json) or a single .safetensors/.ckpt file
+    (with an optional CompVis YAML)."""
+    name = str(path)
+    path = resolve_model(path)
+    if name in EMBEDDED_MODELS:
+        return dataclasses.replace(_from_diffusers_folder(path, variant), source={"path": name, "format": "embedded"})
     if is_diffusers_folder(path):
         return _from_diffusers_folder(path, variant)
     if path.is_file():

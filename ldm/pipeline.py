@@ -20,7 +20,10 @@ from ldm.checkpoints.files import find_weights_file
 from ldm.decoders import VAEDecoder
 from ldm.diffusers_schedulers import plan_for, run
 from ldm.guidance import ClassifierFreeGuidance, Conditioned
-from ldm.loading import Components, load_components, save_diffusers_folder, save_single_file, scheduler_from_config
+from ldm.loading import (
+    DEFAULT_MODEL, Components, load_components, resolve_model, save_diffusers_folder, save_single_file,
+    scheduler_from_config,
+)
 from ldm.metadata import file_hash, save_png
 from ldm.prompts import encode_prompt
 from ldm.samplers import TorchNoise
@@ -55,9 +58,11 @@ class LatentDiffusionPipeline:
     # ------------------------------------------------------------------ loading, saving, devices
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, config: str | Path | None = None, variant: str | None = None,
-                        device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        """Load a diffusers folder, or a CompVis/Stability single file (`config`: its YAML, else inferred)."""
+    def from_pretrained(cls, path: str | Path = DEFAULT_MODEL, *, config: str | Path | None = None,
+                        variant: str | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None):
+        """Load the embedded model ("shapes", the default), a diffusers folder, or a CompVis/Stability single file
+        (`config`: its YAML, else inferred)."""
         pipe = cls(load_components(path, config=config, variant=variant))
         return pipe.to(device, dtype) if device or dtype else pipe
 
@@ -177,7 +182,7 @@ class LatentDiffusionPipeline:
     @property
     def model_hash(self) -> str:
         """A1111's short sha256 of the weights the model came from (a folder: its UNet weights)."""
-        path = Path(self.source.get("path", ""))
+        path = resolve_model(self.source.get("path", ""))
         if path.is_dir():
             path = find_weights_file(path / "unet")
         return file_hash(str(path)) if path.is_file() else ""

@@ -90,3 +90,25 @@ def tiny_sd_folder(request, tmp_path_factory):
     folder = tmp_path_factory.mktemp(f"tiny-{request.param}")
     pipe.save_pretrained(folder)
     return request.param, folder, pipe
+
+
+def tiny_random_pipeline(seed: int = 0):
+    """A randomly initialised, SD-shaped but tiny ldm pipeline: it exercises every stage in milliseconds."""
+    from transformers import CLIPTextConfig
+
+    from ldm.diffusers_schedulers import STABLE_DIFFUSION_CONFIG
+    from ldm.loading import Components
+    from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
+    from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer
+    from ldm.models.unet import UNet, UNetConfig
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    torch.manual_seed(seed)
+    unet = UNet(UNetConfig(channels=(32, 64), attention_levels=(True, True), heads=(2, 4), transformer_depth=(1, 1),
+                           context_dim=32, norm_groups=8)).eval()
+    vae = AutoencoderKL(AutoencoderConfig(channels=(32, 64), norm_groups=8, layers_per_level=1)).eval()
+    text_config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                 vocab_size=49408, max_position_embeddings=77)
+    text = CLIPTextEncoder.from_config(text_config, clip_tokenizer())
+    components = Components(unet, vae, text, dict(STABLE_DIFFUSION_CONFIG), {"path": "tiny-random", "format": "code"})
+    return LatentDiffusionPipeline(components)

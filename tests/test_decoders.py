@@ -3,8 +3,10 @@ import torch
 
 from ldm.decoders import (
     LatentPreviewDecoder, TiledDecoder, TiledVAEDecoder, TinyAutoencoderDecoder, TinyDecoderConfig, VAEDecoder,
-    diffusers_tiny_decoder_state_dict,
+    load_tiny_decoder,
+    tiny_decoder_state_dict,
 )
+from ldm.checkpoints.files import save_state_dict
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 
 from conftest import randomize
@@ -110,13 +112,27 @@ def test_tiny_decoder_equals_diffusers_autoencoder_tiny(latent_channels):
         latent_channels=latent_channels, encoder_block_out_channels=(16, 16, 16), num_encoder_blocks=(1, 1, 1),
         decoder_block_out_channels=(16, 16, 16), num_decoder_blocks=(2, 1, 1)), std=0.2)
     ours = TinyAutoencoderDecoder(TinyDecoderConfig(latent_channels, width=16, blocks_per_level=(2, 1, 1))).eval()
-    ours.load_state_dict(diffusers_tiny_decoder_state_dict(theirs.state_dict()), strict=True)
+    ours.load_state_dict(tiny_decoder_state_dict(theirs.state_dict()), strict=True)
     latents = _latents(2, latent_channels, 6, 5) * 3  # large enough to exercise the tanh clamp
     expected = theirs.decode(latents / theirs.config.scaling_factor).sample  # what diffusers' pipelines do
     torch.testing.assert_close(ours.decode(latents), expected, atol=1e-5, rtol=0)
     assert expected.shape == (2, 3, 24, 20) and expected.std() > 0.05  # 4x upsampled, not a collapsed output
 
 
-def test_tiny_decoder_state_dict_needs_decoder_keys():
-    with pytest.raises(ValueError, match="decoder"):
-        diffusers_tiny_decoder_state_dict({"encoder.layers.0.weight": torch.zeros(1)})
+@torch.no_grad()
+def test_tiny_decoder_loads_the_original_taesd_layout(tmp_path):
+    """The original taesd.py Decoder is one Sequential whose index 0 is the clamp: conv weights sit at 1, 3, ..."""
+    config = TinyDecoderConfig(width=8, blocks_per_level=(1, 1))
+    reference = randomize(TinyAutoencoderDecoder(config), std=0.2)
+    original = {f"{int(key.split('.')[1]) + 1}.{key.split('.', 2)[2]}": value
+                for key, value in reference.state_dict().items()}
+    assert {"1.weight", "3.conv.0.weight", "5.weight"} <= original.keys()
+    save_state_dict(original, tmp_path / "taesd_decoder.pth")
+    loaded = load_tiny_decoder(tmp_path / "taesd_decoder.pth", config)
+    latents = _latents(1, 4, 3, 3)
+    torch.testing.assert_close(loaded.decode(latents), reference.decode(latents), atol=0, rtol=0)
+
+
+def test_tiny_decoder_state_dict_names_the_expected_layouts():
+    with pytest.raises(ValueError, match="taesd_decoder.pth"):
+        tiny_decoder_state_dict({"encoder.layers.0.weight": torch.zeros(1)})

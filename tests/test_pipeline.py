@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ldm import LatentDiffusionPipeline
+from conftest import tiny_random_pipeline
 
 PROMPTS = ["a red circle", "a blue square on a black background"]
 
@@ -90,8 +91,6 @@ def test_save_and_reload_both_formats_give_the_same_image(tiny_sd_folder, tmp_pa
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from ldm.cli import tiny_random_pipeline
-
     pipe = tiny_random_pipeline()
     pipe.progress_bar = False
     return pipe
