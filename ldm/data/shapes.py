@@ -128,13 +128,14 @@ def sample_scene(rng: np.random.Generator, held_out: frozenset = HELD_OUT) -> Sc
         if not same and count > 1 and len(set(looks)) == 1:
             continue  # "two different objects" must differ in colour or shape
         sizes = [SIZES[rng.integers(2)] for _ in range(count)]
-        objects = _place(rng, [ShapeObject(shape, color, size) for (color, shape), size in zip(looks, sizes)])
+        objects = place(rng, [ShapeObject(shape, color, size) for (color, shape), size in zip(looks, sizes)])
         if objects is not None and (count != 2 or relation(*objects) is not None):
             background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
             return Scene(background, tuple(objects))
 
 
-def _place(rng: np.random.Generator, objects: list[ShapeObject], tries: int = 50) -> list[ShapeObject] | None:
+def place(rng: np.random.Generator, objects: list[ShapeObject], tries: int = 50) -> list[ShapeObject] | None:
+    """The objects at random positions inside the canvas, none touching another; None if they do not fit."""
     placed: list[ShapeObject] = []
     for obj in objects:
         for _ in range(tries):
@@ -155,8 +156,9 @@ def object_phrase(obj: ShapeObject, language: str, with_size: bool) -> str:
     """'a large red circle' / '大きい赤い丸'."""
     if language == "ja":
         return (JA_SIZES[obj.size] if with_size else "") + JA_COLORS[obj.color] + JA_SHAPES[obj.shape]
-    words = [obj.size] if with_size else []
-    return " ".join(["a", *words, obj.color, obj.shape])
+    words = [obj.size, obj.color, obj.shape] if with_size else [obj.color, obj.shape]
+    article = "an" if words[0][0] in "aeiou" else "a"
+    return " ".join([article, *words])
 
 
 def count_phrase(obj: ShapeObject, count: int, language: str) -> str:

@@ -1,0 +1,85 @@
+"""The shapes world: exact palette, no touching objects, held-out pairs never shown, captions that tell the truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ldm.data.shapes import (
+    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, Scene, ShapeObject, ShapesDataset, captions, relation,
+    render,
+)
+
+SCENES = [ShapesDataset(seed=0).scene(index) for index in range(1500)]
+
+
+def test_palette_and_backgrounds_are_exact():
+    assert COLORS == {"red": (230, 25, 45), "green": (40, 180, 75), "blue": (30, 90, 220), "yellow": (250, 215, 30),
+                      "purple": (145, 50, 180), "orange": (245, 130, 35)}
+    assert BACKGROUNDS == {"white": (255, 255, 255), "black": (0, 0, 0), "gray": (128, 128, 128)}
+    scene = Scene("gray", (ShapeObject("square", "purple", "large", 20.0, 30.0),))
+    pixels = np.asarray(render(scene))
+    assert tuple(pixels[30, 20]) == COLORS["purple"] and tuple(pixels[2, 2]) == BACKGROUNDS["gray"]
+    assert render(scene, 128).size == (128, 128)
+
+
+def test_scenes_have_one_to_three_separate_objects_inside_the_canvas():
+    counts = {len(scene.objects) for scene in SCENES}
+    assert counts == {1, 2, 3}
+    for scene in SCENES:
+        for i, a in enumerate(scene.objects):
+            assert a.half_extent <= a.x <= CANVAS - a.half_extent and a.half_extent <= a.y <= CANVAS - a.half_extent
+            for b in scene.objects[i + 1:]:
+                reach = a.half_extent + b.half_extent
+                assert abs(a.x - b.x) >= reach or abs(a.y - b.y) >= reach  # boxes never overlap or touch
+    assert HALF_EXTENT["large"] >= 2 * HALF_EXTENT["small"]  # sizes clearly distinct
+
+
+def test_held_out_pairs_never_appear_in_images_or_captions():
+    seen = {(obj.color, obj.shape) for scene in SCENES for obj in scene.objects}
+    assert seen.isdisjoint(HELD_OUT) and len(seen) == 15
+    texts = " | ".join(text for scene in SCENES[:400] for text in captions(scene))
+    for phrase in ("purple triangle", "orange circle", "green square", "紫の三角", "オレンジの丸", "緑の四角"):
+        assert phrase not in texts
+
+
+def test_spatial_captions_match_the_geometry():
+    left, right = ShapeObject("circle", "red", "small", 10.0, 30.0), ShapeObject("square", "blue", "large", 45.0, 33.0)
+    assert relation(left, right) == "left of" and relation(right, left) == "right of"
+    texts = captions(Scene("white", (left, right)))
+    assert "a red circle to the left of a blue square" in texts
+    assert "a blue square to the right of a red circle" in texts
+    assert "青い四角の左に赤い丸" in texts and "赤い丸の右に青い四角" in texts
+    above = ShapeObject("triangle", "yellow", "small", 30.0, 8.0)
+    below = ShapeObject("circle", "red", "small", 34.0, 50.0)
+    assert "a yellow triangle above a red circle" in captions(Scene("black", (above, below)))
+    assert relation(ShapeObject("circle", "red", "small", 10.0, 10.0),
+                    ShapeObject("circle", "blue", "small", 40.0, 40.0)) is None  # diagonal: no clear relation
+
+
+@pytest.mark.parametrize("scene, expected", [
+    (Scene("white", (ShapeObject("circle", "red", "small"),)), ["a red circle", "赤い丸"]),
+    (Scene("white", (ShapeObject("square", "blue", "large"),)), ["a large blue square", "大きい青い四角"]),
+    (Scene("white", (ShapeObject("triangle", "yellow", "small", 10.0, 10.0),
+                     ShapeObject("triangle", "yellow", "large", 40.0, 40.0))),
+     ["two yellow triangles", "黄色い三角が二つ"]),
+    (Scene("gray", (ShapeObject("circle", "green", "small", 10.0, 10.0), ShapeObject("circle", "green", "small", 30.0, 40.0),
+                    ShapeObject("circle", "green", "small", 50.0, 10.0))), ["three green circles", "緑の丸が三つ"]),
+    (Scene("white", (ShapeObject("triangle", "blue", "small", 10.0, 30.0),
+                     ShapeObject("square", "red", "small", 45.0, 30.0))),
+     ["a blue triangle and a red square", "青い三角と赤い四角"]),
+    (Scene("black", (ShapeObject("square", "red", "small"),)),
+     ["a red square on a black background", "黒い背景に赤い四角"]),
+    (Scene("white", (ShapeObject("circle", "orange", "large"),)), ["an orange circle", "a large orange circle"]),
+])
+def test_caption_forms_from_the_issue(scene, expected):
+    texts = captions(scene)
+    for text in expected:
+        assert text in texts
+
+
+def test_dataset_items_are_reproducible_and_in_range():
+    first, again = ShapesDataset(seed=4)[17], ShapesDataset(seed=4)[17]
+    assert first["captions"] == again["captions"] and (first["image"] == again["image"]).all()
+    assert first["image"].shape == (3, 64, 64) and first["image"].min() >= -1 and first["image"].max() <= 1
+    assert ShapesDataset(seed=5).scene(17) != ShapesDataset(seed=4).scene(17)
