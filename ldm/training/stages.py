@@ -20,6 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.checkpoints.diffusers_folder import load_vae, save_vae
 from ldm.loading import Components, save_diffusers_folder
+from ldm.models.attention import set_attention_backend
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
@@ -107,12 +108,18 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
     cache = latent_cache(dataset, vae, output / "latents.pt", config.get("latent_cache", len(dataset)))
     vae.config = replace(vae.config, scaling_factor=cache["scaling_factor"])
     tokenizer = _tokenizer(config, dataset, output)
+    # On CPU, PyTorch's fused attention backward is slow for small heads: plain matmul attention trains the shapes
+    # model 1.5x faster (measured: UNet step 0.34 s vs 0.57 s, text 0.16 s vs 0.24 s, batch 32, one thread).
+    cpu = settings.device == "cpu"
     text_config = CLIPTextConfig(**OmegaConf.to_container(config.text_encoder, resolve=True),
                                  vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 attn_implementation="eager" if cpu else None)
     text_model = CLIPTextModel(text_config)
     unet = UNet(replace(dataclass_from(UNetConfig, config.get("unet"), "unet"),
                         context_dim=text_config.hidden_size))
+    if cpu:
+        set_attention_backend(unet, "math")
     diffusion = dict(config.get("diffusion", {}))
     caption_dropout = diffusion.pop("caption_dropout", 0.1)
     prediction_type = diffusion.pop("prediction_type", "epsilon")
