@@ -15,7 +15,7 @@ PARAMETERS_KEY = "parameters"
 SETTINGS_KEY = "ldm"
 # Settings that are arguments of LatentDiffusionPipeline.__call__, as stored in the JSON.
 CALL_ARGUMENTS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
-                  "sampler", "seed")
+                  "guidance_rescale", "sampler", "seed")
 
 
 def a1111_parameters(settings: dict[str, Any]) -> str:

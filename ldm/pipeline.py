@@ -157,7 +157,7 @@ class LatentDiffusionPipeline:
 
         # 5. Decode, unless latents were asked for.
         settings = self._settings(prompts, negatives, num_images_per_prompt, seeds, height, width,
-                                  num_inference_steps, guidance_scale, sampler)
+                                  num_inference_steps, guidance_scale, guidance_rescale, sampler)
         if output_type == "latent":
             return PipelineOutput(latents, seeds, settings)
         image = self.decoder.decode(latents).float()
@@ -166,7 +166,8 @@ class LatentDiffusionPipeline:
         image = (image / 2 + 0.5).clamp(0, 1)
         return PipelineOutput(_convert(image, output_type), seeds, settings)
 
-    def _settings(self, prompts, negatives, per_prompt, seeds, height, width, steps, guidance, sampler) -> list[dict]:
+    def _settings(self, prompts, negatives, per_prompt, seeds, height, width, steps, guidance, rescale,
+                  sampler) -> list[dict]:
         """Everything needed to regenerate each image (see ldm.metadata.regenerate_kwargs)."""
         if sampler is None:  # the scheduler as a config dict: JSON-safe, and accepted back as `sampler=`
             sampler = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
@@ -174,7 +175,7 @@ class LatentDiffusionPipeline:
         elif not isinstance(sampler, (str, dict)):
             sampler = {**dict(sampler.config), "_class_name": type(sampler).__name__}
         common = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance,
-                  "sampler": sampler, "model": self.source.get("path", ""), "model_hash": self.model_hash,
+                  "guidance_rescale": rescale, "sampler": sampler, "model": self.source.get("path", ""), "model_hash": self.model_hash,
                   "ldm_version": __version__}
         return [{**common, "prompt": prompts[k // per_prompt], "negative_prompt": negatives[k // per_prompt],
                  "seed": seed} for k, seed in enumerate(seeds)]

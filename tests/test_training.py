@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,12 @@ def _write(config: dict, folder: Path, name: str = "config.yaml") -> Path:
     path = folder / name
     path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
     return path
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -171,7 +178,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, trained_aut
     double = _write({**base, "output": str(tmp_path / "ddp")}, tmp_path, "ddp.yaml")
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
          "-m", "ldm", "train", str(double)],
         capture_output=True, text=True, env=environment, timeout=300,
     )

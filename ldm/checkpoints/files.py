@@ -138,11 +138,11 @@ def save_state_dict(
     _check_saveable(state, metadata)
     tensors = _with_own_storage(state)
     if suffix == ".safetensors":
-        _write_atomically(path, lambda target: safetensors.torch.save_file(tensors, target, metadata=metadata))
+        write_atomically(path, lambda target: safetensors.torch.save_file(tensors, target, metadata=metadata))
     else:
         wrapped = suffix == ".ckpt" or bool(metadata)
         payload = {"state_dict": tensors, **(metadata or {})} if wrapped else tensors
-        _write_atomically(path, lambda target: torch.save(payload, target))
+        write_atomically(path, lambda target: torch.save(payload, target))
     return path
 
 
@@ -453,7 +453,7 @@ def _with_own_storage(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
     return owned
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Runs `write` on a temporary file beside `path`, flushes it to disk, then renames it over `path`.
 
     Readers see the old file or the whole new one, never a torn write. The temporary file sits in the same folder

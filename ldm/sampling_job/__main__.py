@@ -1,0 +1,5 @@
+import sys
+
+from ldm.sampling_job.cli import main
+
+sys.exit(main())

@@ -1,0 +1,219 @@
+"""A job as a deterministic list of work items: prompt item x sweep point x seed, each with a stable file name.
+
+The list depends only on the config and the prompt file, so every run and every torchrun rank builds the same one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from ldm.sampling_job.config import (
+    SWEEP_LABELS, Axis, ConfigError, JobConfig, check, check_seeds, effective_sampler, get_field, load_config,
+)
+
+PROMPT_FILE_KINDS = (".txt", ".jsonl")
+# What a prompt item (a JSONL line, or a mapping in the inline list) may set for itself.
+ITEM_FIELDS = ("prompt", "negative_prompt", "seeds", "seed", "images_per_prompt", "steps", "guidance",
+               "guidance_rescale", "width", "height", "sampler")
+
+
+@dataclass(frozen=True)
+class PromptItem:
+    number: int              # position among the job's prompt items (blank lines do not count)
+    source: str              # where it was written: "prompts[2]" or "prompts.jsonl:4"
+    fields: dict             # "prompt" and the item's own settings, checked; sampler as sampler.name/schedule
+    error: str | None = None  # on_bad_line=record: why the line could not be used
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    key: str                 # unique in the job: the image's file name without .png (a bad line: its source)
+    number: int              # the prompt item it comes from
+    source: str
+    point: tuple = ()        # its value on each sweep axis
+    request: dict | None = None  # everything that determines the image, JSON-safe; None for a bad line
+    error: str | None = None
+
+    @property
+    def filename(self) -> str:
+        return f"{self.key}.png"
+
+
+@dataclass(frozen=True)
+class Job:
+    config: JobConfig
+    axes: tuple[Axis, ...]
+    items: tuple[WorkItem, ...]
+
+    @property
+    def output(self) -> Path:
+        return Path(self.config.output)
+
+
+def load_job(path: str | Path | None, overrides: list[str] = ()) -> Job:
+    """Validate the config and its prompt file, and expand them into work items; raises ConfigError."""
+    config, axes = load_config(path, overrides)
+    return Job(config, axes, tuple(expand(config, axes)))
+
+
+# ------------------------------------------------------------------------------------------------ prompt items
+
+def read_prompt_items(prompts, on_bad_line: str = "stop") -> list[PromptItem]:
+    """Inline items, or the non-blank lines of a .txt (one prompt each) or .jsonl file ({"prompt": ..., ...})."""
+    if isinstance(prompts, list):
+        entries, recordable = [(f"prompts[{i}]", "inline", entry) for i, entry in enumerate(prompts)], False
+    elif isinstance(prompts, str):
+        entries, recordable = _file_entries(Path(prompts)), on_bad_line == "record"
+    else:
+        raise ConfigError(f"prompts={prompts!r} must be a list of prompts or the path of a .txt or .jsonl file")
+    items = []
+    for number, (source, kind, raw) in enumerate(entries):
+        try:
+            items.append(PromptItem(number, source, _item_fields(_parse(kind, raw, source), source)))
+        except ConfigError as error:
+            if not recordable:  # the config itself is wrong, or the policy says stop before any work
+                raise
+            items.append(PromptItem(number, source, {}, str(error)))
+    if not items:
+        raise ConfigError(f"prompts={prompts!r} holds no prompt")
+    return items
+
+
+def _file_entries(path: Path) -> list[tuple[str, str, bytes]]:
+    if path.suffix not in PROMPT_FILE_KINDS:
+        raise ConfigError(f"prompts={str(path)!r}: a prompt file ends in {' or '.join(PROMPT_FILE_KINDS)} "
+                          "(one prompt per line, or one JSON object per line)")
+    if not path.is_file():
+        raise ConfigError(f"prompts={str(path)!r}: no such file (paths are relative to the current folder)")
+    lines = path.read_bytes().split(b"\n")  # bytes: a line that is not UTF-8 is reported by its number
+    return [(f"{path}:{number}", path.suffix[1:], line.rstrip(b"\r"))
+            for number, line in enumerate(lines, start=1) if line.strip()]
+
+
+def _parse(kind: str, raw, source: str):
+    if kind == "inline":
+        return raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source}: the line is not UTF-8 text (byte {error.start + 1}); save the file "
+                          "as UTF-8") from None
+    if kind == "txt":
+        return text.strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{source}: not a JSON object ({error.msg} at column {error.colno}); each line is "
+                          '{"prompt": "...", ...}') from None
+
+
+def _item_fields(entry, source: str) -> dict:
+    if isinstance(entry, str):
+        entry = {"prompt": entry}
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{source}: {entry!r} must be a prompt or an object with a prompt")
+    unknown = [key for key in entry if key not in ITEM_FIELDS]
+    if unknown:
+        raise ConfigError(f"{source}: unknown field(s) {unknown}; an item may set {', '.join(ITEM_FIELDS)}")
+    prompt = entry.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ConfigError(f"{source}: prompt={prompt!r} must be a non-empty string")
+    fields = {"prompt": prompt}
+    for key, value in entry.items():
+        if key == "seeds":
+            fields[key] = check_seeds(value, source)
+        elif key == "sampler":
+            fields.update(_item_sampler(value, source))
+        elif key != "prompt":
+            fields[key] = check(key, value, source)
+    return fields
+
+
+def _item_sampler(value, source: str) -> dict:
+    """Only the sampler fields an item gives (a plain string is the name)."""
+    section = {"name": value} if isinstance(value, str) else value
+    if not isinstance(section, dict) or not section or set(section) - {"name", "schedule"}:
+        raise ConfigError(f"{source}: sampler={value!r} must be a name or a mapping with the fields name, schedule")
+    return {f"sampler.{key}": check(f"sampler.{key}", v, source) for key, v in section.items()}
+
+
+# ------------------------------------------------------------------------------------------------ expansion
+
+def expand(config: JobConfig, axes: tuple[Axis, ...]) -> list[WorkItem]:
+    base = {name: get_field(vars(config), name) for name in SWEEP_LABELS}
+    items = []
+    for prompt_item in read_prompt_items(config.prompts, config.on_bad_line):
+        if prompt_item.error:
+            items.append(WorkItem(prompt_item.source, prompt_item.number, prompt_item.source,
+                                  error=prompt_item.error))
+            continue
+        _refuse_swept_overrides(prompt_item, axes)
+        settings = {**base, **{k: v for k, v in prompt_item.fields.items() if k in SWEEP_LABELS}}
+        for point in itertools.product(*(axis.values for axis in axes)):
+            at_point = {**settings, **{axis.field: value for axis, value in zip(axes, point)}}
+            for seed in _seeds(config, prompt_item.fields):
+                request = _request(config, prompt_item, at_point, seed)
+                key = _file_stem(config.filename, prompt_item, seed, axes, point)
+                items.append(WorkItem(key, prompt_item.number, prompt_item.source, point, request))
+    _check_unique(items, config.filename)
+    return items
+
+
+def _refuse_swept_overrides(item: PromptItem, axes: tuple[Axis, ...]) -> None:
+    for axis in axes:
+        if axis.field in item.fields:
+            raise ConfigError(f"{item.source}: sets {axis.field}, which the config sweeps over "
+                              f"{list(axis.values)}; remove one of the two")
+
+
+def _seeds(config: JobConfig, fields: dict) -> list[int]:
+    """An item's seeds: its own `seeds`, else its own seed/images_per_prompt over the config's, else the
+    config's `seeds`, else images_per_prompt seeds counting up from `seed` (the pipeline's rule)."""
+    if "seeds" in fields:
+        return fields["seeds"]
+    if config.seeds is not None and not {"seed", "images_per_prompt"} & fields.keys():
+        return config.seeds
+    start = fields.get("seed", config.seed)
+    return [start + k for k in range(fields.get("images_per_prompt", config.images_per_prompt))]
+
+
+def _request(config: JobConfig, item: PromptItem, settings: dict, seed: int) -> dict:
+    sampler = effective_sampler(settings["sampler.name"], settings["sampler.schedule"], item.source)
+    return {
+        "model": config.model, "model_config": config.model_config, "dtype": config.dtype,
+        "prompt": item.fields["prompt"], "negative_prompt": settings["negative_prompt"], "seed": seed,
+        "width": settings["width"], "height": settings["height"], "steps": settings["steps"],
+        "guidance": settings["guidance"], "guidance_rescale": settings["guidance_rescale"], "sampler": sampler,
+    }
+
+
+def _file_stem(template: str, item: PromptItem, seed: int, axes: tuple[Axis, ...], point: tuple) -> str:
+    sweep = "".join(f"-{axis.label}{value_slug(value)}" for axis, value in zip(axes, point))
+    return template.format(item=item.number, slug=slug(item.fields["prompt"]), seed=seed, sweep=sweep)
+
+
+def slug(text: str, limit: int = 40, empty: str = "prompt") -> str:
+    """Lower-case ASCII words joined by '-' ("DPM++ 2M" -> "dpmpp-2m"), whole words up to `limit` characters
+    (a first word longer than that is cut); `empty` when nothing is left."""
+    words = re.sub(r"[^a-z0-9]+", "-", text.casefold().replace("+", "p")).strip("-")
+    if len(words) > limit:
+        head = words[:limit + 1]
+        words = head.rsplit("-", 1)[0] if "-" in head else words[:limit]
+    return words or empty
+
+
+def value_slug(value) -> str:
+    return f"-{slug(value, empty='none')}" if isinstance(value, str) else str(value).lower()
+
+
+def _check_unique(items: list[WorkItem], template: str) -> None:
+    seen: dict[str, WorkItem] = {}
+    for item in items:
+        other = seen.setdefault(item.key, item)
+        if other is not item:
+            raise ConfigError(f"filename={template!r} gives two images the same name {item.filename!r} "
+                              f"({other.source} and {item.source}); use {{item}}, {{seed}} and {{sweep}} in it")
