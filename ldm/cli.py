@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from ldm.errors import LdmError
 from ldm.grids import labelled_grid
 from ldm.metadata import save_png
 from ldm.pipeline import LatentDiffusionPipeline
@@ -78,16 +80,34 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--images-per-prompt", type=int, default=4)
     eval_parser.add_argument("--limit", type=int, default=None, help="prompts per category (and split), for a quick run")
     eval_parser.add_argument("--output", type=Path, default=None, help="write per-image results as JSON")
+    convert_parser = commands.add_parser("convert", help="rewrite a model as a diffusers folder or a single file")
+    convert_parser.add_argument("source", help="a model name, diffusers folder or single file")
+    convert_parser.add_argument("destination", type=Path)
+    convert_parser.add_argument("--format", choices=("diffusers", "single_file"), default="diffusers")
+    convert_parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    convert_parser.add_argument("--config", default=None, help="the CompVis YAML of a single-file source")
     add_sampling_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "handler"):  # sample, info
         return args.handler(args)
+    try:
+        _run(args)
+    except (LdmError, ValueError) as error:  # bad input: one clear line, not a traceback
+        print(f"ldm {args.command}: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "eval":
         print(shape_eval(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit, args.output))
     elif args.command == "demo":
         print(demo(args.output, args.steps, args.seed).resolve())
+    elif args.command == "convert":
+        pipe = LatentDiffusionPipeline.from_pretrained(args.source, config=args.config)
+        pipe.to(dtype=getattr(torch, args.dtype)).save_pretrained(args.destination, format=args.format)
+        print(args.destination.resolve())
     elif args.command == "train":
         from ldm.training.stages import train
 
         print(train(args.config, args.overrides).resolve())
-    return 0
