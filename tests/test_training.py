@@ -169,6 +169,18 @@ def test_exported_model_matches_diffusers(tmp_path, trained_autoencoder):
     assert ours.vae.config.scaling_factor == pytest.approx(1 / cached["latents"].float().std().item(), rel=1e-3)
 
 
+def test_training_continues_from_an_exported_model(tmp_path, trained_autoencoder):
+    """A new machine has the shipped weights but not checkpoint.pt: `init` starts from them (fresh optimiser)."""
+    first = train(_write({**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "first")},
+                         tmp_path, "first.yaml"))
+    config = {**_tiny_text_to_image(first), "output": str(tmp_path / "second"), "init": str(first)}
+    config["train"] = {**config["train"], "steps": 1, "lr": 1e-12, "ema_decay": None}
+    second = train(_write(config, tmp_path, "second.yaml"))
+    before, after = _weights(first), _weights(second)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0, msg=key)  # lr ~0: weights unchanged
+
+
 def test_two_processes_equal_one_process_with_accumulation(tmp_path, trained_autoencoder):
     base = _tiny_text_to_image(trained_autoencoder)
     base["train"] = {**base["train"], "steps": 2, "checkpoint_every": 2}

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.checkpoints.diffusers_folder import load_vae, save_vae
-from ldm.loading import Components, save_diffusers_folder
+from ldm.loading import Components, load_components, save_diffusers_folder
 from ldm.models.attention import set_attention_backend
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
@@ -107,7 +107,8 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
     vae = load_vae(_vae_folder(Path(config.autoencoder))).requires_grad_(False)
     cache = latent_cache(dataset, vae, output / "latents.pt", config.get("latent_cache", len(dataset)))
     vae.config = replace(vae.config, scaling_factor=cache["scaling_factor"])
-    tokenizer = _tokenizer(config, dataset, output)
+    init = load_components(config.init) if config.get("init") else None  # continue from an exported model
+    tokenizer = init.text_encoder.tokenizer if init else _tokenizer(config, dataset, output)
     # On CPU, PyTorch's fused attention backward is slow for small heads: plain matmul attention trains the shapes
     # model 1.5x faster (measured: UNet step 0.34 s vs 0.57 s, text 0.16 s vs 0.24 s, batch 32, one thread).
     cpu = settings.device == "cpu"
@@ -118,6 +119,9 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
     text_model = CLIPTextModel(text_config)
     unet = UNet(replace(dataclass_from(UNetConfig, config.get("unet"), "unet"),
                         context_dim=text_config.hidden_size))
+    if init:  # its weights, with a fresh optimiser (a checkpoint.pt in `output`, if any, still wins)
+        unet.load_state_dict(init.unet.state_dict())
+        text_model.load_state_dict(init.text_encoder.model.state_dict())
     if cpu:
         set_attention_backend(unet, "math")
     diffusion = dict(config.get("diffusion", {}))
