@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.checkpoints.diffusers_folder import load_vae, save_vae
@@ -183,7 +184,7 @@ def latent_cache(dataset, vae: AutoencoderKL, path: Path, count: int, batch_size
     if path.is_file():
         return torch.load(path, weights_only=True)
     latents, captions = [], []
-    for start in range(0, count, batch_size):
+    for start in tqdm(range(0, count, batch_size), desc="encoding latents", unit="batch"):
         items = [dataset[index] for index in range(start, min(start + batch_size, count))]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             latents.append(vae.encode(torch.stack([item["image"] for item in items])).mean.float())
