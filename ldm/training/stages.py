@@ -169,7 +169,7 @@ def _tokenizer(config: DictConfig, dataset, output: Path):
     if items is None:
         return clip_tokenizer(max_length)
     saved = output / "tokenizer"
-    if (saved / "vocab.json").is_file():  # a resumed run must keep its ids
+    if (saved / "tokenizer_config.json").is_file():  # a resumed run must keep its ids
         return load_tokenizer(saved)
     texts = [text for index in range(min(items, len(dataset))) for text in dataset[index]["captions"]]
     tokenizer = compact_clip_tokenizer(texts, max_length)
