@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
+from ldm.checkpoints.files import write_atomically
 from ldm.errors import CheckpointError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -208,9 +209,7 @@ class Trainer:
         state = {"step": self.step, "objective": self.objective.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                  "ema": self.ema.shadow if self.ema else None, "settings": asdict(self.settings)}
-        temporary = self.checkpoint_path.with_suffix(".tmp")
-        torch.save(state, temporary)
-        os.replace(temporary, self.checkpoint_path)
+        write_atomically(self.checkpoint_path, lambda temporary: torch.save(state, temporary))
         self.export_model(self.output / "model")
 
     def export_model(self, folder: Path) -> None:

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ldm.checkpoints.diffusers_folder import load_vae, save_vae
+from ldm.checkpoints.files import write_atomically
 from ldm.loading import Components, load_components, save_diffusers_folder
 from ldm.models.attention import set_attention_backend
 from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
@@ -191,7 +192,5 @@ def latent_cache(dataset, vae: AutoencoderKL, path: Path, count: int, batch_size
         captions += [item["captions"] for item in items]
     latents = torch.cat(latents)
     cache = {"latents": latents.half(), "captions": captions, "scaling_factor": float(1 / latents.std())}
-    temporary = path.with_suffix(".tmp")
-    torch.save(cache, temporary)
-    temporary.replace(path)
+    write_atomically(path, lambda temporary: torch.save(cache, temporary))
     return cache
