@@ -412,19 +412,20 @@ def test_two_ranks_make_the_same_images_as_one_process(tmp_path, model, pipe):
     assert [line["key"] for line in manifest(split.output)] == [line["key"] for line in manifest(single.output)]
 
 
-@pytest.mark.slow  # thread-count dependent numerics on multi-core runners; run with make test-slow
-def test_torchrun_with_two_cpu_processes_equals_one_process(tmp_path, model, pipe):
+def test_torchrun_with_two_cpu_processes_equals_one_process(tmp_path, model):
     config = write_config(tmp_path, model=str(model), prompts=["a red circle", "a blue square"], seeds=[5, 6, 7],
                           output=str(tmp_path / "torchrun"), width=16, height=16, steps=2, device="cpu")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "ldm.sampling_job", "sample", str(config)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "rank 0:" in run.stdout and "rank 1:" in run.stdout and "6 images ok" in run.stdout
+    # Both runs in child processes with one thread each: results depend on the thread count in the last bits.
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = [sys.executable, "-m", "ldm.sampling_job", "sample", str(config), f"output={tmp_path / 'one'}"]
+    double = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+              "-m", "ldm.sampling_job", "sample", str(config)]
+    runs = [subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
+            for command in (single, double)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-3000:]
+    assert "rank 0:" in runs[1].stdout and "rank 1:" in runs[1].stdout and "6 images ok" in runs[1].stdout
     job = load_job(config)
-    reference = run_job(load_job(config, [f"output={tmp_path / 'one'}"]), pipeline=pipe)
-    assert reference.made == 6
     assert_complete(job, job.output)
     assert {line["rank"] for line in manifest(job.output)} == {0, 1}
     for item in job.items:

@@ -119,6 +119,7 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
                                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
                                  attn_implementation="eager" if cpu else None)
     text_model = CLIPTextModel(text_config)
+    spread_embeddings(text_model, **config.get("text_embedding_std", {}))
     unet = UNet(replace(dataclass_from(UNetConfig, config.get("unet"), "unet"),
                         context_dim=text_config.hidden_size))
     if init:  # its weights, with a fresh optimiser (a checkpoint.pt in `output`, if any, still wins)
@@ -152,6 +153,20 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
 
     unet.train(), text_model.train()
     return Trainer(objective, len(cache["captions"]), batch, settings, output, export)
+
+
+def spread_embeddings(text_model: CLIPTextModel, token: float = 1.0, position: float = 0.3) -> None:
+    """Re-draw the token and position tables with these standard deviations.
+
+    CLIP's own init (std 0.02) starts every token at nearly the same output: "red" and "blue" left the untrained
+    shapes encoder with cosine similarity 0.94, still 0.91 after 4,000 joint steps, and the UNet learned to ignore
+    the colour words. At std 1 they start distinct (cosine 0.07-0.16); position at 0.3 keeps word order visible.
+    """
+    embeddings = text_model.get_input_embeddings()
+    positions = next(module for name, module in text_model.named_modules() if name.endswith("position_embedding"))
+    with torch.no_grad():
+        embeddings.weight.normal_(std=token)
+        positions.weight.normal_(std=position)
 
 
 def _pick(captions: list[str], generator: torch.Generator) -> str:
