@@ -153,8 +153,13 @@ def _scheduler_config(config: compvis.SingleFileConfig) -> dict[str, Any]:
     }
 
 
+# The diffusers pipeline a folder names in model_index.json, by the UNet's input channels.
+PIPELINE_CLASS_BY_IN_CHANNELS = {8: "StableDiffusionInstructPix2PixPipeline", 9: "StableDiffusionInpaintPipeline"}
+
+
 def save_diffusers_folder(components: Components, folder: str | Path) -> None:
-    """Write a folder diffusers' StableDiffusionPipeline.from_pretrained loads."""
+    """Write a folder diffusers' StableDiffusionPipeline (or, for 8/9-channel UNets, its InstructPix2Pix/Inpaint
+    pipeline) loads with from_pretrained."""
     folder = Path(folder)
     encoder = components.text_encoder
     if not isinstance(encoder, (CLIPTextEncoder, T5TextEncoder)):
@@ -169,7 +174,8 @@ def save_diffusers_folder(components: Components, folder: str | Path) -> None:
     text_class = type(encoder.model).__name__
     tokenizer_class = "CLIPTokenizer" if isinstance(encoder, CLIPTextEncoder) else "T5Tokenizer"
     write_json({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "_class_name": PIPELINE_CLASS_BY_IN_CHANNELS.get(components.unet.config.in_channels, "StableDiffusionPipeline"),
+        "_diffusers_version": diffusers.__version__,
         "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
         "text_encoder": ["transformers", text_class], "tokenizer": ["transformers", tokenizer_class],
         "scheduler": ["diffusers", components.scheduler_config["_class_name"]],

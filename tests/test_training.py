@@ -14,10 +14,11 @@ import torch
 import yaml
 
 from ldm.data.shapes import ShapesDataset
-from ldm.models.text_encoders import clip_tokenizer, compact_clip_tokenizer
+from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer
+from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
 from ldm.training.objectives import TextToImageObjective
-from ldm.training.stages import dataclass_from, instantiate, load_config, train
+from ldm.training.stages import dataclass_from, instantiate, load_config, train, transfer_vocabulary, widen_input
 from ldm.training.loop import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +91,38 @@ def test_compact_vocabulary_tokenizes_training_texts_like_full_clip():
     assert max(ids) == compact.eos_token_id == len(compact) - 1 and ids[0] == compact.bos_token_id
 
 
+def test_a_new_vocabulary_keeps_the_outputs_of_shared_tokens():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    old_tokenizer = compact_clip_tokenizer(["a red circle on a black background"])
+    new_tokenizer = compact_clip_tokenizer(["make the red circle blue", "a red circle on a black background"])
+    assert old_tokenizer.get_vocab() != new_tokenizer.get_vocab()
+    torch.manual_seed(0)
+    old = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                       num_attention_heads=2, vocab_size=len(old_tokenizer),
+                                       bos_token_id=old_tokenizer.bos_token_id,
+                                       eos_token_id=old_tokenizer.eos_token_id,
+                                       pad_token_id=old_tokenizer.pad_token_id)).eval()
+    new = transfer_vocabulary(old, old_tokenizer, new_tokenizer).eval()
+    text = ["a red circle on a black background"]
+    with torch.no_grad():
+        before = CLIPTextEncoder(old, old_tokenizer).encode(text).tokens
+        after = CLIPTextEncoder(new, new_tokenizer).encode(text).tokens
+    torch.testing.assert_close(after, before)
+
+
+def test_widened_unet_ignores_the_new_channels_until_trained():
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(channels=(8, 16), layers_per_level=1, attention_levels=(False, True), heads=(1, 2),
+                           transformer_depth=(1, 1), context_dim=8, norm_groups=4)).eval()
+    wide = widen_input(unet, 8).eval()
+    x, condition, context = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 3, 8)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        torch.testing.assert_close(wide(torch.cat([x, condition], 1), t, context), unet(x, t, context))
+    assert wide.config.in_channels == 8
+
+
 # -------------------------------------------------------------------------------------------------- objectives
 
 class _Oracle(torch.nn.Module):
@@ -118,11 +151,11 @@ def test_diffusion_loss_is_zero_for_the_exact_target(prediction_type):
     clean = torch.randn(6, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     objective = TextToImageObjective(_Oracle(clean, schedule.alphas_cumprod, prediction_type), _Text(), schedule,
                                      prediction_type)
-    loss, _ = objective(clean, torch.zeros(6, 5, dtype=torch.long), torch.Generator().manual_seed(1))
+    loss, _ = objective(clean, torch.zeros(6, 5, dtype=torch.long), generator=torch.Generator().manual_seed(1))
     assert loss.item() < 1e-8
     wrong = TextToImageObjective(_Oracle(clean + 0.1, schedule.alphas_cumprod, prediction_type), _Text(), schedule,
                                  prediction_type)
-    assert wrong(clean, torch.zeros(6, 5, dtype=torch.long), torch.Generator().manual_seed(1))[0].item() > 1e-4
+    assert wrong(clean, torch.zeros(6, 5, dtype=torch.long), generator=torch.Generator().manual_seed(1))[0].item() > 1e-4
 
 
 # ------------------------------------------------------------------------------------------------ the loop

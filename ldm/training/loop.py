@@ -174,7 +174,7 @@ class Trainer:
             last = micro == settings.grad_accumulation - 1
             sync = nullcontext() if last or world.size == 1 else self.model.no_sync()
             with sync, self.autocast():
-                loss, metrics = self.model(*self.batch_fn(micro_batches[part], generator), generator)
+                loss, metrics = self.model(*self.batch_fn(micro_batches[part], generator), generator=generator)
                 loss = loss / settings.grad_accumulation
             self.scaler.scale(loss).backward()
             total += loss.item()

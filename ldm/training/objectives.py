@@ -31,7 +31,7 @@ class AutoencoderObjective(nn.Module):
         self.vae = vae
         self.weights = {"mse": mse, "l1": l1, "kl": kl}
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, images: torch.Tensor, *, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         posterior = self.vae.encode(images)
         reconstruction = self.vae.decode(posterior.sample(generator)).float()
         terms = {
@@ -62,8 +62,9 @@ class TextToImageObjective(nn.Module):
         self.prediction_type = prediction_type
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
 
-    def forward(self, latents: torch.Tensor, token_ids: torch.Tensor,
-                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def forward(self, latents: torch.Tensor, token_ids: torch.Tensor, image_condition: torch.Tensor | None = None,
+                *, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """`image_condition`: latents concatenated to the noisy ones on the channel axis (InstructPix2Pix)."""
         batch = latents.shape[0]
         timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -72,6 +73,7 @@ class TextToImageObjective(nn.Module):
         noisy = signal * latents + sigma * noise  # q(x_t | x_0)
         target = {"epsilon": noise, "v_prediction": signal * noise - sigma * latents, "sample": latents}
         context = self.text_model(token_ids).last_hidden_state  # (B, T, D)
-        prediction = self.unet(noisy, timesteps.to(latents.device), context)
+        unet_input = noisy if image_condition is None else torch.cat([noisy, image_condition], dim=1)
+        prediction = self.unet(unet_input, timesteps.to(latents.device), context)
         loss = F.mse_loss(prediction.float(), target[self.prediction_type])
         return loss, {}

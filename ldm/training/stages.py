@@ -1,10 +1,11 @@
 """`ldm train CONFIG.yaml`: build a training stage from an omegaconf file and run it.
 
-A config names its `task` (autoencoder | text_to_image), its `data` as `{target, params}` (targets must be
-`ldm.` names: a YAML file never imports arbitrary code), the model configs, and `train` (TrainSettings). See
-configs/train/ for the two stages of the embedded shapes model.
+A config names its `task` (autoencoder | text_to_image | instruct_edit), its `data` as `{target, params}`
+(targets must be `ldm.` names: a YAML file never imports arbitrary code), the model configs, and `train`
+(TrainSettings). See configs/train/ for the stages of the embedded shapes models.
 
-Datasets yield {"image": (3, H, W) in [-1, 1], "captions": [str, ...]}; one caption is drawn per use.
+Text-to-image datasets yield {"image": (3, H, W) in [-1, 1], "captions": [str, ...]}, edit datasets
+{"source", "target", "instructions"}; one caption or instruction is drawn per use.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from ldm.schedules import NoiseSchedule
 from ldm.training.loop import Trainer, TrainSettings
 from ldm.training.objectives import AutoencoderObjective, TextToImageObjective, start_posterior_narrow
 
-TASKS = ("autoencoder", "text_to_image")
+TASKS = ("autoencoder", "text_to_image", "instruct_edit")
 
 
 # ----------------------------------------------------------------------------------------------- config helpers
@@ -76,7 +77,8 @@ def train(config_path: str | Path, overrides: list[str] = ()) -> Path:
     (output / "config.yaml").write_text(OmegaConf.to_yaml(config), encoding="utf-8")
     settings = dataclass_from(TrainSettings, config.get("train"), "train")
     torch.manual_seed(settings.seed)  # model initialisation; every later draw uses its own generator
-    stage = autoencoder_stage if config.task == "autoencoder" else text_to_image_stage
+    stage = {"autoencoder": autoencoder_stage, "text_to_image": text_to_image_stage,
+             "instruct_edit": instruct_edit_stage}[config.task]
     trainer = stage(config, settings, output)
     trainer.run()
     return output / "model"
@@ -143,6 +145,14 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
         ids, _ = encoder.frame(encoder.tokenize(texts))
         return scaled[indices].float().to(device), ids.to(device)
 
+    unet.train(), text_model.train()
+    export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
+    return Trainer(objective, len(cache["captions"]), batch, settings, output, export)
+
+
+def _pipeline_exporter(unet: UNet, vae: AutoencoderKL, text_model: CLIPTextModel, tokenizer, diffusion: dict,
+                       prediction_type: str):
+    """Writes the live (EMA-swapped) models as a diffusers folder with a DPM-Solver++ scheduler."""
     def export(folder: Path):
         scheduler_config = {"_class_name": "DPMSolverMultistepScheduler", "prediction_type": prediction_type,
                             "steps_offset": 1, **diffusion}
@@ -151,8 +161,7 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
         save_diffusers_folder(components, folder)
         unet.train(), text_model.train()
 
-    unet.train(), text_model.train()
-    return Trainer(objective, len(cache["captions"]), batch, settings, output, export)
+    return export
 
 
 def spread_embeddings(text_model: CLIPTextModel, token: float = 1.0, position: float = 0.3) -> None:
@@ -207,5 +216,105 @@ def latent_cache(dataset, vae: AutoencoderKL, path: Path, count: int, batch_size
         captions += [item["captions"] for item in items]
     latents = torch.cat(latents)
     cache = {"latents": latents.half(), "captions": captions, "scaling_factor": float(1 / latents.std())}
+    write_atomically(path, lambda temporary: torch.save(cache, temporary))
+    return cache
+
+
+# ------------------------------------------------------------------------------- stage 3: instruction editing
+
+def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Path) -> Trainer:
+    """InstructPix2Pix (Brooks et al. 2023) on paired edits, starting from a text-to-image model (`init`).
+
+    Datasets yield {"source", "target": images, "instructions": [str, ...]}. The UNet gains input channels for
+    the source image's latents (zero weights, so step 0 behaves as the text-to-image model); as in diffusers'
+    pipeline, those latents are the posterior mode without the scaling factor. Conditioning dropout trains all
+    three branches of the two-scale guidance: text only, image only and both dropped, `conditioning_dropout` each.
+    """
+    if not config.get("init"):
+        raise ValueError("task instruct_edit needs init=<text-to-image model folder or name> to start from")
+    dataset = instantiate(config.data, "data")
+    base = load_components(config.init)
+    vae = base.vae.float().requires_grad_(False)
+    cache = edit_latent_cache(dataset, vae, output / "latents.pt", config.get("latent_cache", len(dataset)))
+    tokenizer = _edit_tokenizer(output, cache["instructions"], base.text_encoder.tokenizer.model_max_length)
+    cpu = settings.device == "cpu"
+    text_model = transfer_vocabulary(base.text_encoder.model.float(), base.text_encoder.tokenizer, tokenizer,
+                                     attn_implementation="eager" if cpu else None)
+    unet = widen_input(base.unet.float(), base.unet.config.in_channels + cache["source"].shape[1])
+    if cpu:
+        set_attention_backend(unet, "math")
+    diffusion = dict(config.get("diffusion", {}))
+    dropout = diffusion.pop("conditioning_dropout", 0.05)
+    prediction_type = diffusion.pop("prediction_type", "epsilon")
+    objective = TextToImageObjective(unet, text_model, NoiseSchedule.from_config(**diffusion), prediction_type)
+    encoder = CLIPTextEncoder(text_model, tokenizer)
+    targets = cache["target"] * vae.config.scaling_factor
+    device = settings.device
+
+    def batch(indices, generator):
+        u = torch.rand(len(indices), generator=generator)  # [0, p): text dropped, [p, 2p): both, [2p, 3p): image
+        drop_text, drop_image = u < 2 * dropout, (u >= dropout) & (u < 3 * dropout)
+        texts = ["" if dropped else _pick(cache["instructions"][int(i)], generator)
+                 for i, dropped in zip(indices, drop_text.tolist())]
+        ids, _ = encoder.frame(encoder.tokenize(texts))
+        source = cache["source"][indices].float() * (~drop_image).float().view(-1, 1, 1, 1)
+        return targets[indices].float().to(device), ids.to(device), source.to(device)
+
+    unet.train(), text_model.train()
+    export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
+    return Trainer(objective, len(cache["instructions"]), batch, settings, output, export)
+
+
+def widen_input(unet: UNet, in_channels: int) -> UNet:
+    """A copy of `unet` taking `in_channels` inputs; the added channels' conv_in weights are zero."""
+    wide = UNet(replace(unet.config, in_channels=in_channels))
+    state = unet.state_dict()
+    weight = state["conv_in.weight"]
+    state["conv_in.weight"] = torch.cat([weight, weight.new_zeros(weight.shape[0], in_channels - weight.shape[1],
+                                                                  *weight.shape[2:])], dim=1)
+    wide.load_state_dict(state)
+    return wide
+
+
+def transfer_vocabulary(model: CLIPTextModel, old_tokenizer, new_tokenizer, **config_overrides) -> CLIPTextModel:
+    """A copy of `model` for `new_tokenizer`: rows of tokens both vocabularies share are copied by token string,
+    new tokens drawn at the scale of the old table; every other weight is copied."""
+    config = CLIPTextConfig(**{**model.config.to_dict(), **config_overrides, "vocab_size": len(new_tokenizer),
+                               "bos_token_id": new_tokenizer.bos_token_id, "eos_token_id": new_tokenizer.eos_token_id,
+                               "pad_token_id": new_tokenizer.pad_token_id})
+    new = CLIPTextModel(config)
+    old_table = model.get_input_embeddings().weight.detach()
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("token_embedding.weight")}
+    table = torch.randn(len(new_tokenizer), old_table.shape[1]) * old_table.std()
+    old_vocabulary = old_tokenizer.get_vocab()
+    for token, index in new_tokenizer.get_vocab().items():
+        if token in old_vocabulary:
+            table[index] = old_table[old_vocabulary[token]]
+    new.load_state_dict(state, strict=False)
+    new.get_input_embeddings().weight.data.copy_(table)
+    return new
+
+
+def _edit_tokenizer(output: Path, instructions: list[list[str]], max_length: int):
+    saved = output / "tokenizer"
+    if (saved / "tokenizer_config.json").is_file():  # a resumed run must keep its ids
+        return load_tokenizer(saved)
+    tokenizer = compact_clip_tokenizer([text for texts in instructions for text in texts], max_length)
+    tokenizer.save_pretrained(saved)
+    return tokenizer
+
+
+def edit_latent_cache(dataset, vae: AutoencoderKL, path: Path, count: int, batch_size: int = 256) -> dict[str, Any]:
+    """Source and target latents (posterior means, unscaled) of the first `count` edits, with their instructions."""
+    if path.is_file():
+        return torch.load(path, weights_only=True)
+    sources, targets, instructions = [], [], []
+    for start in tqdm(range(0, count, batch_size), desc="encoding edit pairs", unit="batch"):
+        items = [dataset[index] for index in range(start, min(start + batch_size, count))]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sources.append(vae.encode(torch.stack([item["source"] for item in items])).mean.half())
+            targets.append(vae.encode(torch.stack([item["target"] for item in items])).mean.half())
+        instructions += [item["instructions"] for item in items]
+    cache = {"source": torch.cat(sources), "target": torch.cat(targets), "instructions": instructions}
     write_atomically(path, lambda temporary: torch.save(cache, temporary))
     return cache
