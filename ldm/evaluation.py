@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from ldm.data.shapes import (
     BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, place,
-    count_phrase, list_phrase, object_phrase, relation, relation_phrase, with_background,
+    count_phrase, lies, list_phrase, object_phrase, relation, relation_phrase, with_background,
 )
 
 # ------------------------------------------------------------------------------------------------- detection
@@ -329,7 +329,7 @@ def score(prompt: EvalPrompt, detection: Detection) -> bool:
         return present and detection.background == prompt.background
     if prompt.category == "position":
         first, second = prompt.objects
-        return any(_lies(a, prompt.relation, b) for a in detection.objects for b in detection.objects
+        return any(lies(a, prompt.relation, b) for a in detection.objects for b in detection.objects
                    if a is not b and first.matches(a) and second.matches(b))
     return present
 
@@ -340,12 +340,6 @@ def _all_present(wanted: tuple[Wanted, ...], objects: tuple[DetectedObject, ...]
     Counting per distinct request is exact because the prompts never request overlapping objects.
     """
     return all(sum(w.matches(obj) for obj in objects) >= n for w, n in Counter(wanted).items())
-
-
-def _lies(a: DetectedObject, where: str, b: DetectedObject) -> bool:
-    dx, dy = a.x - b.x, a.y - b.y
-    along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[where]
-    return along > 0 and along >= abs(across)
 
 
 def scene_for_prompt(prompt: EvalPrompt, rng: np.random.Generator) -> Scene:
@@ -404,13 +398,10 @@ class EvalReport:
         """Markdown: a row per category and the overall mean, a column per split and language and all."""
         columns = [(split, language) for split in SPLITS for language in LANGUAGES] + [(None, None)]
         names = [f"{split.replace('_', '-')} {language.upper()}" for split, language in columns[:-1]] + ["all"]
-        lines = ["| category | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-        for category in CATEGORIES:
-            cells = [self.accuracy(category, split, language) for split, language in columns]
-            lines.append(f"| {category} | " + " | ".join(map(_cell, cells)) + " |")
-        cells = [self.overall(split, language) for split, language in columns]
-        lines.append("| **overall** | " + " | ".join(map(_cell, cells)) + " |")
-        return "\n".join(lines)
+        rows = [(category, [self.accuracy(category, split, language) for split, language in columns])
+                for category in CATEGORIES]
+        rows.append(("**overall**", [self.overall(split, language) for split, language in columns]))
+        return markdown_table("category", names, rows)
 
     def to_json(self) -> str:
         summary = {
@@ -419,6 +410,13 @@ class EvalReport:
                for fields in (("category",), ("split",), ("language",), ("category", "split", "language"))},
         }
         return json.dumps({**summary, "records": [r.to_dict() for r in self.records]}, ensure_ascii=False)
+
+
+def markdown_table(corner: str, columns: Sequence[str], rows: Sequence[tuple[str, Sequence[float | None]]]) -> str:
+    """A markdown table of rates: a header (`corner` above the row names), then one line per (name, cells)."""
+    lines = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(map(_cell, cells)) + " |" for name, cells in rows]
+    return "\n".join(lines)
 
 
 def _cell(value: float | None) -> str:

@@ -233,6 +233,34 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, trained_aut
         torch.testing.assert_close(first[key], second[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_edit_stage_starts_from_a_text_to_image_model_and_exports_an_instruct_pix2pix_folder(
+        tmp_path, trained_autoencoder):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    base = train(_write({**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "t2i")}, tmp_path))
+    config = {"task": "instruct_edit", "init": str(base), "output": str(tmp_path / "edit"), "latent_cache": 16,
+              "data": {"target": "ldm.data.edits.EditDataset", "params": {"length": 16, "size": 16, "seed": 2}},
+              "diffusion": {"prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2"},
+              "train": {"steps": 1, "batch_size": 4, "lr": 1e-12, "warmup_steps": 1, "precision": "fp32",
+                        "checkpoint_every": 1, "log_every": 1, "seed": 0}}
+    model = train(_write(config, tmp_path, "edit.yaml"))
+    index = yaml.safe_load((model / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
+    theirs = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, safety_checker=None)
+    assert theirs.unet.config.in_channels == 8
+    # lr ~0: the text-to-image weights came through, the new input channels are still zero
+    before, after = _weights(base), _weights(model)
+    added = after["unet/conv_in.weight"][:, 4:]
+    torch.testing.assert_close(added, torch.zeros_like(added), atol=1e-9, rtol=0)
+    torch.testing.assert_close(after["unet/conv_in.weight"][:, :4], before["unet/conv_in.weight"], atol=1e-6, rtol=0)
+    for key in before:
+        if key.startswith("unet/") and key != "unet/conv_in.weight":
+            torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0, msg=key)
+    cached = torch.load(tmp_path / "edit" / "latents.pt", weights_only=True)
+    assert cached["source"].shape == cached["target"].shape == (16, 4, 8, 8)
+    assert len(cached["instructions"]) == 16 and all(cached["instructions"])
+
+
 # ------------------------------------------------------------------------------------------------ bad configs
 
 def test_bad_configs_name_the_field(tmp_path):

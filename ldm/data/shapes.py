@@ -40,6 +40,7 @@ JA_SHAPES = {"circle": "丸", "square": "四角", "triangle": "三角"}
 JA_SIZES = {"small": "小さい", "large": "大きい"}
 JA_BACKGROUNDS = {"white": "白い", "black": "黒い", "gray": "灰色の"}
 JA_RELATIONS = {"left of": "左", "right of": "右", "above": "上", "below": "下"}
+EN_RELATIONS = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 EN_NUMBERS = {2: "two", 3: "three"}
 JA_NUMBERS = {2: "二つ", 3: "三つ"}
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -101,7 +102,17 @@ def relation(a: ShapeObject, b: ShapeObject) -> str | None:
     return None
 
 
-def _touching(a: ShapeObject, b: ShapeObject) -> bool:
+def lies(a, where: str, b, margin: float = 0.0) -> bool:
+    """Whether a lies `where` relative to b by centres, the looser rule ShapeEval scores with: the offset along the
+    direction points the right way and is at least as long as the offset across it, both by `margin` pixels
+    (negative: a tolerance). Takes anything with x and y (scene or detected objects)."""
+    dx, dy = a.x - b.x, a.y - b.y
+    along, across = {"left of": (-dx, dy), "right of": (dx, dy), "above": (-dy, dx), "below": (dy, dx)}[where]
+    return along > margin and along - abs(across) >= margin
+
+
+def touching(a: ShapeObject, b: ShapeObject) -> bool:
+    """Whether the bounding boxes of a and b come closer than MIN_GAP (the world never draws such a pair)."""
     reach = a.half_extent + b.half_extent + MIN_GAP
     return abs(a.x - b.x) < reach and abs(a.y - b.y) < reach
 
@@ -142,7 +153,7 @@ def place(rng: np.random.Generator, objects: list[ShapeObject], tries: int = 50)
             low, high = obj.half_extent + 1, CANVAS - obj.half_extent - 1
             x, y = (round(float(value), 1) for value in rng.uniform(low, high, size=2))
             candidate = ShapeObject(obj.shape, obj.color, obj.size, x, y)
-            if not any(_touching(candidate, other) for other in placed):
+            if not any(touching(candidate, other) for other in placed):
                 placed.append(candidate)
                 break
         else:
@@ -173,8 +184,7 @@ def relation_phrase(a: ShapeObject, where: str, b: ShapeObject, language: str, w
     first, second = object_phrase(a, language, with_size), object_phrase(b, language, with_size)
     if language == "ja":
         return f"{second}の{JA_RELATIONS[where]}に{first}"
-    preposition = {"left of": "to the left of", "right of": "to the right of"}.get(where, where)
-    return f"{first} {preposition} {second}"
+    return f"{first} {EN_RELATIONS[where]} {second}"
 
 
 def list_phrase(phrases: list[str], language: str) -> str:
