@@ -39,6 +39,7 @@ from ldm.samplers import (
     sample_lcm,
     sample_lms,
     sample_plms,
+    sample_plms_restarted,
     sample_unipc,
 )
 from ldm.schedules import (
@@ -93,7 +94,9 @@ class SamplingPlan:
         return pinned
 
     def for_strength(self, strength: float) -> SamplingPlan:
-        """The last int(n * strength) steps, as diffusers' img2img/inpaint pipelines keep them."""
+        """The last int(n * strength) steps, as diffusers' img2img/inpaint pipelines keep them. PLMS (PNDMScheduler,
+        SD's default) is cut in diffusers' timestep list [t0, t1, t1, t2, ...] with its step counter restarted,
+        which `sample_plms_restarted` replays."""
         if not 0 < strength <= 1:
             raise ValueError(f"strength={strength} must be in (0, 1].")
         kept = min(int(self.num_steps * strength), self.num_steps)
@@ -102,8 +105,18 @@ class SamplingPlan:
                 f"strength={strength} keeps no step of {self.num_steps}: raise strength or num_inference_steps."
             )
         start = self.num_steps - kept
+        if start > 0 and self.sampler is sample_plms:
+            return self._plms_cut(start)
         options = {k: (v[start:] if k in PER_STEP_OPTIONS and v is not None else v) for k, v in self.options.items()}
         return replace(self, options=options, sigmas=self.sigmas[start:], timesteps=self.timesteps[start:])
+
+    def _plms_cut(self, start: int) -> SamplingPlan:
+        calls = [0, 1, *range(1, self.num_steps)][start:]  # diffusers' PNDM timesteps as plan indices: t1 twice
+        steps = [(at, at - 1, at) if k == 1 else (at, at, at + 1) for k, at in enumerate(calls)]
+        options = {"multistep_on": self.options["multistep_on"],
+                   "steps": tuple((self.sigmas[a], self.sigmas[b], self.sigmas[c]) for a, b, c in steps)}
+        return replace(self, sampler=sample_plms_restarted, options=options, sigmas=self.sigmas[calls[0]:],
+                       timesteps=self.timesteps[calls[0]:])
 
 
 def run(

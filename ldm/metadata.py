@@ -16,6 +16,9 @@ SETTINGS_KEY = "ldm"
 # Settings that are arguments of LatentDiffusionPipeline.__call__, as stored in the JSON.
 CALL_ARGUMENTS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
                   "guidance_rescale", "sampler", "seed")
+# Settings of the editing pipelines (ldm.editing; `pipeline` names the class), arguments of their calls too. The input
+# image and mask are not stored: pass them again with the regenerated arguments.
+EDITING_ARGUMENTS = ("strength", "image_guidance_scale", "mask_blur", "padding_mask_crop", "keep_unmasked")
 
 
 def a1111_parameters(settings: dict[str, Any]) -> str:
@@ -24,10 +27,12 @@ def a1111_parameters(settings: dict[str, Any]) -> str:
         "Steps": settings["num_inference_steps"],
         "Sampler": settings["sampler"],
         "CFG scale": settings["guidance_scale"],
+        "Image CFG scale": settings.get("image_guidance_scale", ""),
         "Seed": settings["seed"],
         "Size": f"{settings['width']}x{settings['height']}",
         "Model hash": settings.get("model_hash") or "",
         "Model": settings.get("model", ""),
+        **_a1111_editing(settings),
         "Version": f"ldm {settings.get('ldm_version', '')}",
     }
     lines = [settings["prompt"]]
@@ -35,6 +40,14 @@ def a1111_parameters(settings: dict[str, Any]) -> str:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items() if value != ""))
     return "\n".join(lines)
+
+
+def _a1111_editing(settings: dict[str, Any]) -> dict[str, Any]:
+    """A1111's pairs for img2img and inpainting settings, in its order; padding_mask_crop is its "only masked"."""
+    pairs = {"Denoising strength": settings.get("strength"), "Mask blur": settings.get("mask_blur")}
+    if settings.get("padding_mask_crop") is not None:
+        pairs.update({"Inpaint area": "Only masked", "Masked area padding": settings["padding_mask_crop"]})
+    return {key: value for key, value in pairs.items() if value is not None}
 
 
 def save_png(image: Image.Image, path: str | Path, settings: dict[str, Any] | None = None) -> Path:
@@ -61,8 +74,9 @@ def read_settings(path: str | Path) -> dict[str, Any]:
 
 
 def regenerate_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
-    """Keyword arguments for LatentDiffusionPipeline.__call__ that reproduce the stored image."""
-    return {key: settings[key] for key in CALL_ARGUMENTS if key in settings}
+    """Keyword arguments for the call of the pipeline that made the image (settings["pipeline"], default
+    LatentDiffusionPipeline) that reproduce it; an editing pipeline also needs the input image (and mask) again."""
+    return {key: settings[key] for key in CALL_ARGUMENTS + EDITING_ARGUMENTS if key in settings}
 
 
 @lru_cache(maxsize=16)

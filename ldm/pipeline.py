@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from ldm import __version__
 from ldm.checkpoints.files import find_weights_file
 from ldm.decoders import VAEDecoder
-from ldm.diffusers_schedulers import plan_for, run
+from ldm.diffusers_schedulers import SamplingPlan, plan_for, run
 from ldm.guidance import ClassifierFreeGuidance, Conditioned
 from ldm.loading import (
     DEFAULT_MODEL, Components, load_components, resolve_model, save_diffusers_folder, save_single_file,
@@ -46,24 +46,30 @@ class PipelineOutput:
 
 
 class LatentDiffusionPipeline:
+    default_model: str | Path = DEFAULT_MODEL  # what from_pretrained() loads when given no path
+    # The corrections diffusers' pipeline makes to every scheduler config it is built with (key: forced value):
+    # early SD configs lack steps_offset=1, and DDIM-style clip_sample=True (a pixel-space default) ruins latents.
+    scheduler_fixes: dict[str, Any] = {"steps_offset": 1, "clip_sample": False}
+
     def __init__(self, components: Components):
         self.unet = components.unet
         self.vae = components.vae
         self.text_encoder = components.text_encoder
         self.decoder = VAEDecoder(self.vae)  # swappable: TiledVAEDecoder for large images, TAESD for speed
-        self.scheduler = scheduler_from_config(_stable_diffusion_fixes(components.scheduler_config))
+        self.scheduler = scheduler_from_config(self._fixed_scheduler_config(components.scheduler_config))
         self.source = components.source
         self.progress_bar = True
+        self._check_unet_channels()
 
     # ------------------------------------------------------------------ loading, saving, devices
 
     @classmethod
-    def from_pretrained(cls, path: str | Path = DEFAULT_MODEL, *, config: str | Path | None = None,
+    def from_pretrained(cls, path: str | Path | None = None, *, config: str | Path | None = None,
                         variant: str | None = None, device: str | torch.device | None = None,
                         dtype: torch.dtype | None = None):
-        """Load the embedded model ("shapes", the default), a diffusers folder, or a CompVis/Stability single file
-        (`config`: its YAML, else inferred)."""
-        pipe = cls(load_components(path, config=config, variant=variant))
+        """Load the class's default model (the embedded "shapes"), a diffusers folder, or a CompVis/Stability single
+        file (`config`: its YAML, else inferred)."""
+        pipe = cls(load_components(cls.default_model if path is None else path, config=config, variant=variant))
         return pipe.to(device, dtype) if device or dtype else pipe
 
     def components(self) -> Components:
@@ -95,6 +101,15 @@ class LatentDiffusionPipeline:
     def latent_factor(self) -> int:
         return self.vae.config.downsampling_factor
 
+    @property
+    def latent_channels(self) -> int:
+        return self.vae.config.latent_channels
+
+    @classmethod
+    def unet_channels(cls, latent_channels: int) -> tuple[int, ...]:
+        """The UNet input widths this pipeline can drive: text-to-image feeds the latents alone."""
+        return (latent_channels,)
+
     # ------------------------------------------------------------------ the call
 
     @torch.no_grad()
@@ -116,66 +131,109 @@ class LatentDiffusionPipeline:
         guidance_rescale: float = 0.0,
     ) -> PipelineOutput:
         # 1. Check inputs, before any compute.
-        prompts = _as_list(prompt, "prompt")
+        prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
+                                              num_images_per_prompt, output_type, guidance_rescale)
         batch = len(prompts) * num_images_per_prompt
-        negatives = _negatives(negative_prompt, len(prompts))
         height, width = self._check_size(height, width)
-        _check_call(num_inference_steps, guidance_scale, num_images_per_prompt, output_type)
-        if not 0.0 <= guidance_rescale <= 1.0:
-            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1] (0 turns it off)")
-        latent_shape = (batch, self.unet.config.in_channels, height // self.latent_factor, width // self.latent_factor)
+        latent_shape = self._latent_shape(batch, height, width)
         generators, seeds = _generators(generator, seed, batch)
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {latent_shape} "
                              f"(batch, channels, height/{self.latent_factor}, width/{self.latent_factor})")
-        plan = plan_for(sampler if sampler is not None else self.scheduler, num_inference_steps,
-                        base_config=dict(self.scheduler.config))
+        plan = self._plan(sampler, num_inference_steps)
 
         # 2. Encode prompts (each repeated per image), the negatives too when guidance is on.
-        #    Long prompts become several encoder windows; one call keeps both branches at the same length.
-        if guidance_scale > 1.0:  # as in diffusers: a scale of 1 or less means no unconditional branch
-            both = self._encode(_repeat(negatives, num_images_per_prompt) + _repeat(prompts, num_images_per_prompt))
-            negative, context = both.chunk(2)
-            net = ClassifierFreeGuidance(self.unet, negative, context, guidance_scale, guidance_rescale)
-        else:
-            net = Conditioned(self.unet, self._encode(_repeat(prompts, num_images_per_prompt)))
+        net = self._guided(self.unet, prompts, negatives, num_images_per_prompt, guidance_scale, guidance_rescale)
 
         # 3. Prepare latents: image k's noise comes from its own generator, drawn on the CPU.
         if latents is None:
             latents = TorchNoise(latent_shape, generators)()
-        latents = latents.to(self.device, torch.float32)
 
         # 4. Denoise.
-        denoiser = plan.denoiser(net, dtype=self.dtype)
-        noise = TorchNoise(latent_shape, generators, device=self.device)
+        latents = self._denoise(plan, plan.denoiser(net, dtype=self.dtype), latents, generators, callback)
+
+        # 5. Decode unless latents were asked for, post-process to [0, 1] and the requested type.
+        settings = self._settings(prompts, negatives, num_images_per_prompt, seeds, height=height, width=width,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  guidance_rescale=guidance_rescale, sampler=sampler)
+        return self._output(latents, output_type, seeds, settings)
+
+    # ------------------------------------------------------------------ the steps every pipeline shares
+
+    def _check_call(self, prompt, negative_prompt, steps, guidance_scale, images_per_prompt, output_type,
+                    guidance_rescale=0.0) -> tuple[list[str], list[str]]:
+        """The checks common to every pipeline's call; returns the prompts and one negative prompt each."""
+        self._check_unet_channels()  # again: pipe.unet may have been swapped since construction
+        prompts = _as_list(prompt, "prompt")
+        negatives = _negatives(negative_prompt, len(prompts))
+        _check_numbers(steps, guidance_scale, images_per_prompt, output_type)
+        if not isinstance(guidance_rescale, (int, float)) or not 0.0 <= guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale={guidance_rescale!r} must be in [0, 1] (0 turns it off)")
+        return prompts, negatives
+
+    def _check_unet_channels(self) -> None:
+        accepted = self.unet_channels(self.latent_channels)
+        channels = self.unet.config.in_channels
+        if channels not in accepted:
+            raise ValueError(
+                f"{type(self).__name__} needs a UNet with in_channels {' or '.join(map(str, accepted))}, but this "
+                f"model's UNet has in_channels={channels}: {_pipeline_for(channels, self.latent_channels)}")
+
+    def _latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        return batch, self.latent_channels, height // self.latent_factor, width // self.latent_factor
+
+    def _plan(self, sampler, num_inference_steps: int) -> SamplingPlan:
+        """The sampler the user named (or the model's scheduler) as a plan of sigmas and exact timesteps."""
+        return plan_for(sampler if sampler is not None else self.scheduler, num_inference_steps,
+                        base_config=dict(self.scheduler.config))
+
+    def _encode_pair(self, prompts: list[str], negatives: list[str], per_prompt: int):
+        """(negative, positive) text tokens, each prompt repeated per image. One encoder call keeps both at the same
+        number of windows when a prompt is longer than the encoder's window."""
+        both = self._encode(_repeat(negatives, per_prompt) + _repeat(prompts, per_prompt))
+        return both.chunk(2)
+
+    def _guided(self, net, prompts: list[str], negatives: list[str], per_prompt: int, guidance_scale: float,
+                guidance_rescale: float = 0.0):
+        """`net` bound to the prompts' text, with classifier-free guidance when guidance_scale > 1 (as in diffusers:
+        a scale of 1 or less means no unconditional branch)."""
+        if guidance_scale > 1.0:
+            negative, positive = self._encode_pair(prompts, negatives, per_prompt)
+            return ClassifierFreeGuidance(net, negative, positive, guidance_scale, guidance_rescale)
+        return Conditioned(net, self._encode(_repeat(prompts, per_prompt)))
+
+    def _denoise(self, plan: SamplingPlan, denoiser, latents: torch.Tensor, generators: list[torch.Generator],
+                 callback: Callable | None, image_latents: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample with `plan` from the initial noise `latents` (added to `image_latents` when given): the fresh noise
+        some samplers add each step comes from each image's own generator."""
+        noise = TorchNoise(latents.shape, generators, device=self.device)
+        if image_latents is not None:
+            image_latents = image_latents.to(self.device, torch.float32)
         with tqdm(total=plan.num_steps, disable=not self.progress_bar, desc="sampling") as bar:
             def on_step(info):
                 bar.update(1)
                 if callback is not None:
                     callback(info)
-            latents = run(plan, denoiser, latents, noise=noise, callback=on_step)
+            return run(plan, denoiser, latents.to(self.device, torch.float32), image_latents=image_latents,
+                       noise=noise, callback=on_step)
 
-        # 5. Decode, unless latents were asked for.
-        settings = self._settings(prompts, negatives, num_images_per_prompt, seeds, height, width,
-                                  num_inference_steps, guidance_scale, guidance_rescale, sampler)
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images (B, 3, H, W) in [0, 1]."""
+        return (self.decoder.decode(latents).float() / 2 + 0.5).clamp(0, 1)
+
+    def _output(self, latents: torch.Tensor, output_type: str, seeds, settings) -> PipelineOutput:
         if output_type == "latent":
             return PipelineOutput(latents, seeds, settings)
-        image = self.decoder.decode(latents).float()
+        return PipelineOutput(_convert(self._decode(latents), output_type), seeds, settings)
 
-        # 6. Post-process to [0, 1] and the requested type.
-        image = (image / 2 + 0.5).clamp(0, 1)
-        return PipelineOutput(_convert(image, output_type), seeds, settings)
-
-    def _settings(self, prompts, negatives, per_prompt, seeds, height, width, steps, guidance, rescale,
-                  sampler) -> list[dict]:
+    def _settings(self, prompts, negatives, per_prompt, seeds, *, sampler, **values) -> list[dict]:
         """Everything needed to regenerate each image (see ldm.metadata.regenerate_kwargs)."""
         if sampler is None:  # the scheduler as a config dict: JSON-safe, and accepted back as `sampler=`
             sampler = {k: v for k, v in dict(self.scheduler.config).items() if not k.startswith("_")}
             sampler["_class_name"] = type(self.scheduler).__name__
         elif not isinstance(sampler, (str, dict)):
             sampler = {**dict(sampler.config), "_class_name": type(sampler).__name__}
-        common = {"height": height, "width": width, "num_inference_steps": steps, "guidance_scale": guidance,
-                  "guidance_rescale": rescale, "sampler": sampler, "model": self.source.get("path", ""), "model_hash": self.model_hash,
+        common = {**values, "sampler": sampler, "model": self.source.get("path", ""), "model_hash": self.model_hash,
                   "ldm_version": __version__}
         return [{**common, "prompt": prompts[k // per_prompt], "negative_prompt": negatives[k // per_prompt],
                  "seed": seed} for k, seed in enumerate(seeds)]
@@ -203,16 +261,21 @@ class LatentDiffusionPipeline:
                                  f"(the VAE's downsampling factor), e.g. {self.latent_factor * max(1, round(value / self.latent_factor))}")
         return height, width
 
+    @classmethod
+    def _fixed_scheduler_config(cls, config: dict) -> dict:
+        return {**config, **{key: value for key, value in cls.scheduler_fixes.items() if key in config}}
 
-def _stable_diffusion_fixes(config: dict) -> dict:
-    """The two corrections diffusers' StableDiffusionPipeline makes to every scheduler it is built with: early
-    SD configs lack steps_offset=1, and DDIM-style clip_sample=True (a pixel-space default) ruins latents."""
-    config = dict(config)
-    if config.get("steps_offset", 1) != 1:
-        config["steps_offset"] = 1
-    if config.get("clip_sample") is True:
-        config["clip_sample"] = False
-    return config
+
+def _pipeline_for(in_channels: int, latent_channels: int) -> str:
+    """Which pipeline drives a UNet with `in_channels` inputs (for error messages)."""
+    if in_channels == 2 * latent_channels + 1:
+        return "an inpainting UNet (latents + mask + masked-image latents): use ldm.editing.InpaintPipeline"
+    if in_channels == 2 * latent_channels:
+        return "an instruction-editing UNet (latents + image latents): use ldm.editing.InstructPix2PixPipeline"
+    if in_channels == latent_channels:
+        return ("a text-to-image UNet: use LatentDiffusionPipeline, ldm.editing.ImageToImagePipeline or "
+                "InpaintPipeline (latent blending)")
+    return f"no ldm pipeline drives it (the VAE has {latent_channels} latent channels)"
 
 
 def _as_list(value, name: str) -> list[str]:
@@ -233,7 +296,7 @@ def _negatives(negative_prompt, count: int) -> list[str]:
     return negatives
 
 
-def _check_call(steps, guidance_scale, images_per_prompt, output_type) -> None:
+def _check_numbers(steps, guidance_scale, images_per_prompt, output_type) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1")
     if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:

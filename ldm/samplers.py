@@ -356,6 +356,36 @@ def sample_plms(denoiser, x, sigmas, *, noise=None, callback=None, multistep_on:
     return x
 
 
+@torch.no_grad()
+def sample_plms_restarted(denoiser, x, sigmas, *, steps, multistep_on: str = "eps", noise=None, callback=None):
+    """PLMS exactly as diffusers' PNDMScheduler steps it over a cut of its timestep list (img2img at strength < 1).
+
+    `steps` holds one (sigma called at, sigma stepped from, sigma stepped to) per network call. Call 0 stores its
+    estimate and latent; call 1 averages its estimate with call 0's and steps from call 0's latent (the improved-
+    Euler pair, even when the cut left call 1 at another timestep); later calls use Adams-Bashforth over the
+    estimates of calls 0, 2, 3, .... Between calls the latent is kept as diffusers keeps it (VP), so each call reads
+    it at its own sigma, as diffusers does when the cut shifts the labels."""
+    on_v = multistep_on == "v"
+    latent = first_latent = x / (1 + sigmas[0] ** 2) ** 0.5
+    history: list[torch.Tensor] = []
+    for i, (at, start, end) in enumerate(steps):
+        x = latent * (1 + at**2) ** 0.5
+        denoised = denoiser(x, at)
+        if callback is not None:
+            callback(StepInfo(i, at, end, x, denoised))
+        current = _v_from_denoised(x, at, denoised) if on_v else to_d(x, at, denoised)
+        if i == 1:
+            combined, base = (current + history[0]) / 2, first_latent
+        else:
+            history = (history + [current])[-4:]
+            combined = sum(w * e for w, e in zip(_ADAMS_BASHFORTH[len(history)], reversed(history)))
+            base = latent
+        x = base * (1 + start**2) ** 0.5
+        slope = _eps_from_v(x, start, combined) if on_v else combined
+        latent = (x + slope * (end - start)) / (1 + end**2) ** 0.5
+    return latent * (1 + sigmas[-1] ** 2) ** 0.5
+
+
 def _unipc_update(x, history, sigma_next, variant: str, corrector_target=None):
     """One UniPC update from history[0]'s sigma to sigma_next (Zhao et al. 2023, data prediction, B(h) = bh1/bh2).
 

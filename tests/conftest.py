@@ -112,3 +112,43 @@ def tiny_random_pipeline(seed: int = 0):
     text = CLIPTextEncoder.from_config(text_config, clip_tokenizer())
     components = Components(unet, vae, text, dict(STABLE_DIFFUSION_CONFIG), {"path": "tiny-random", "format": "code"})
     return LatentDiffusionPipeline(components)
+
+
+# The diffusers editing pipelines, by task, with the UNet input width each one's checkpoints have.
+EDITING_PIPELINES = {
+    "img2img": ("StableDiffusionImg2ImgPipeline", 4),
+    "inpaint": ("StableDiffusionInpaintPipeline", 9),
+    "inpaint-4ch": ("StableDiffusionInpaintPipeline", 4),
+    "pix2pix": ("StableDiffusionInstructPix2PixPipeline", 8),
+}
+
+
+def tiny_editing_pipeline(task: str):
+    """A random-weight diffusers editing pipeline (see EDITING_PIPELINES), SD1-shaped: tiny_diffusers_pipeline's
+    parts, with a UNet of the task's input width."""
+    import diffusers
+    from diffusers import UNet2DConditionModel
+
+    class_name, in_channels = EDITING_PIPELINES[task]
+    parts = tiny_diffusers_pipeline("sd1").components
+    parts["unet"] = randomize(UNet2DConditionModel(**TINY_UNETS["sd1"], in_channels=in_channels), seed=1)
+    pipe = getattr(diffusers, class_name)(**parts, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_editing_folder(tmp_path_factory):
+    """task -> (folder, diffusers pipeline): tiny editing pipelines written by diffusers' own save_pretrained, each
+    built on first use."""
+    built = {}
+
+    def folder_for(task: str):
+        if task not in built:
+            pipe = tiny_editing_pipeline(task)
+            folder = tmp_path_factory.mktemp(f"tiny-{task}")
+            pipe.save_pretrained(folder)
+            built[task] = folder, pipe
+        return built[task]
+
+    return folder_for
