@@ -3,5 +3,7 @@
 __version__ = "0.1.0"
 
 from ldm.pipeline import LatentDiffusionPipeline, PipelineOutput  # noqa: E402
+from ldm.editing import ImageToImagePipeline, InpaintPipeline, InstructPix2PixPipeline  # noqa: E402
 
-__all__ = ["LatentDiffusionPipeline", "PipelineOutput", "__version__"]
+__all__ = ["LatentDiffusionPipeline", "PipelineOutput", "ImageToImagePipeline", "InpaintPipeline",
+           "InstructPix2PixPipeline", "__version__"]

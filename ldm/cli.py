@@ -1,4 +1,5 @@
-"""The `ldm` command line. `ldm demo` generates a labelled grid and prints where it wrote it."""
+"""The `ldm` command line. `ldm demo` generates a labelled grid and prints where it wrote it; `ldm edit` edits an
+image by instruction (or, with --mask / --strength, inpaints / redraws it from a prompt)."""
 
 from __future__ import annotations
 
@@ -63,6 +64,49 @@ def shape_eval(model: str, steps: int, guidance: float, images_per_prompt: int, 
     return report.table()
 
 
+def edit_eval(model: str, steps: int, guidance: float, image_guidance: float, images_per_case: int,
+              per_kind: int, output: Path | None, progress: bool = True) -> str:
+    """Success and preservation of an instruction-editing model on unseen shapes scenes (ldm/edit_evaluation.py)."""
+    from ldm.edit_evaluation import edit_eval_cases, evaluate_edits
+    from ldm.editing import InstructPix2PixPipeline
+
+    pipe = InstructPix2PixPipeline.from_pretrained(model)
+    pipe.progress_bar = False
+
+    def edit(images, instructions, seeds):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return pipe(list(instructions), image=list(images), num_inference_steps=steps, guidance_scale=guidance,
+                    image_guidance_scale=image_guidance, generator=generators).images
+
+    report = evaluate_edits(edit, edit_eval_cases(per_kind=per_kind), images_per_case, progress=progress)
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(report.to_json(), encoding="utf-8")
+    return report.table()
+
+
+def edit(image: Path, text: str, args: argparse.Namespace) -> list[Path]:
+    """By instruction on an instruction model (the default, embedded "shapes-edit"); with --mask, inpainting; with
+    --strength alone, image-to-image (both on the text-to-image model "shapes" unless --model says otherwise)."""
+    from ldm.editing import ImageToImagePipeline, InpaintPipeline, InstructPix2PixPipeline, open_image
+
+    source = open_image(str(image))  # a missing or non-image file is a clear error before any model loads
+    common = {"num_inference_steps": args.steps, "seed": args.seed, "num_images_per_prompt": args.images}
+    if args.mask is not None:
+        pipe = InpaintPipeline.from_pretrained(args.model)
+        result = pipe(text, image=source, mask_image=open_image(str(args.mask), "mask"), keep_unmasked=True,
+                      strength=args.strength or 1.0, mask_blur=args.mask_blur, guidance_scale=args.guidance,
+                      **common)
+    elif args.strength is not None:
+        pipe = ImageToImagePipeline.from_pretrained(args.model)
+        result = pipe(text, image=source, strength=args.strength, guidance_scale=args.guidance, **common)
+    else:
+        pipe = InstructPix2PixPipeline.from_pretrained(args.model)
+        result = pipe(text, image=source, guidance_scale=args.guidance,
+                      image_guidance_scale=args.image_guidance, **common)
+    return result.save(args.output, prefix=image.stem)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ldm", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +124,24 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--images-per-prompt", type=int, default=4)
     eval_parser.add_argument("--limit", type=int, default=None, help="prompts per category (and split), for a quick run")
     eval_parser.add_argument("--output", type=Path, default=None, help="write per-image results as JSON")
+    eval_parser.add_argument("--task", choices=("text_to_image", "edit"), default="text_to_image",
+                             help="edit: success/preservation of an instruction model (default model shapes-edit)")
+    eval_parser.add_argument("--image-guidance", type=float, default=1.5, help="edit task: image guidance scale")
+    edit_parser = commands.add_parser("edit", help="edit an image by instruction (or inpaint with --mask, "
+                                      "redraw with --strength); writes PNGs with their parameters")
+    edit_parser.add_argument("image", type=Path)
+    edit_parser.add_argument("text", help='the instruction ("make the circle blue", "背景を黒にして"); with '
+                             "--mask or --strength, the prompt for the new image")
+    edit_parser.add_argument("--mask", type=Path, default=None, help="white = repaint (inpainting)")
+    edit_parser.add_argument("--strength", type=float, default=None, help="img2img: share of steps to redo, (0, 1]")
+    edit_parser.add_argument("--model", default=None, help="default: shapes-edit (instructions) or shapes")
+    edit_parser.add_argument("--steps", type=int, default=20)
+    edit_parser.add_argument("--seed", type=int, default=0)
+    edit_parser.add_argument("--images", type=int, default=1, help="images to make")
+    edit_parser.add_argument("--guidance", type=float, default=7.5, help="text guidance scale")
+    edit_parser.add_argument("--image-guidance", type=float, default=1.5, help="instructions: image guidance")
+    edit_parser.add_argument("--mask-blur", type=float, default=0, help="inpainting: feather the mask (pixels)")
+    edit_parser.add_argument("--output", type=Path, default=Path("outputs/edit"))
     convert_parser = commands.add_parser("convert", help="rewrite a model as a diffusers folder or a single file")
     convert_parser.add_argument("source", help="a model name, diffusers folder or single file")
     convert_parser.add_argument("destination", type=Path)
@@ -99,8 +161,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.command == "eval":
+    if args.command == "eval" and args.task == "edit":
+        model = "shapes-edit" if args.model == "shapes" else args.model
+        print(edit_eval(model, args.steps, args.guidance, args.image_guidance, args.images_per_prompt,
+                        args.limit or 16, args.output))
+    elif args.command == "eval":
         print(shape_eval(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit, args.output))
+    elif args.command == "edit":
+        for path in edit(args.image, args.text, args):
+            print(path.resolve())
     elif args.command == "demo":
         print(demo(args.output, args.steps, args.seed).resolve())
     elif args.command == "convert":

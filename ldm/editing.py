@@ -519,6 +519,7 @@ class InstructPix2PixPipeline(_EditingPipeline):
     """Edit an image by an instruction (InstructPix2Pix, Brooks et al. 2023): an 8-channel UNet sees the image's
     latents next to x_t; guidance_scale pulls towards the instruction, image_guidance_scale towards the image."""
 
+    default_model = "shapes-edit"  # the embedded instruction model, trained from "shapes" on the world's edits
     scheduler_fixes: dict[str, Any] = {}  # diffusers' InstructPix2Pix pipeline uses the scheduler as saved
 
     @classmethod

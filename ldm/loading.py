@@ -42,7 +42,7 @@ class Components:
 
 
 # Models that ship inside the package, by name: trained by ldm's own trainer (see weights.md).
-EMBEDDED_MODELS = {"shapes": Path(__file__).parent / "weights" / "shapes"}
+EMBEDDED_MODELS = {name: Path(__file__).parent / "weights" / name for name in ("shapes", "shapes-edit")}
 DEFAULT_MODEL = "shapes"
 
 

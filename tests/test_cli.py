@@ -1,0 +1,100 @@
+"""`ldm edit` and `ldm eval --task edit`: the command line gives what the pipelines give, and bad input is one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm.cli import main
+from ldm.editing import ImageToImagePipeline, InpaintPipeline, InstructPix2PixPipeline
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+
+@pytest.fixture
+def picture(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    path = tmp_path / "in.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def mask(tmp_path):
+    pixels = np.zeros((16, 16), dtype=np.uint8)
+    pixels[4:12, 2:9] = 255
+    path = tmp_path / "mask.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _written(capsys) -> list[np.ndarray]:
+    paths = capsys.readouterr().out.split()
+    return [np.asarray(Image.open(path)) for path in paths]
+
+
+def test_edit_by_instruction_equals_the_pipeline_call(tiny_editing_folder, picture, tmp_path, capsys):
+    folder = str(tiny_editing_folder("pix2pix")[0])
+    assert main(["edit", str(picture), "make the circle blue", "--model", folder, "--steps", "3", "--seed", "4",
+                 "--image-guidance", "1.2", "--images", "2", "--output", str(tmp_path / "out")]) == 0
+    written = _written(capsys)
+    pipe = InstructPix2PixPipeline.from_pretrained(folder)
+    expected = pipe("make the circle blue", image=Image.open(picture), num_inference_steps=3, seed=4,
+                    image_guidance_scale=1.2, num_images_per_prompt=2).images
+    assert len(written) == 2
+    for ours, theirs in zip(written, expected):
+        np.testing.assert_array_equal(ours, np.asarray(theirs))
+
+
+def test_edit_with_a_mask_inpaints_and_keeps_the_rest(tiny_editing_folder, picture, mask, tmp_path, capsys):
+    folder = str(tiny_editing_folder("inpaint")[0])
+    assert main(["edit", str(picture), "a red circle", "--mask", str(mask), "--model", folder, "--steps", "3",
+                 "--output", str(tmp_path / "out")]) == 0
+    (written,) = _written(capsys)
+    expected = InpaintPipeline.from_pretrained(folder)("a red circle", image=Image.open(picture),
+                                                        mask_image=Image.open(mask), num_inference_steps=3, seed=0,
+                                                        keep_unmasked=True).images[0]
+    np.testing.assert_array_equal(written, np.asarray(expected))
+    outside = np.asarray(Image.open(mask)) == 0
+    np.testing.assert_array_equal(written[outside], np.asarray(Image.open(picture))[outside])
+
+
+def test_edit_with_strength_is_img2img(tiny_editing_folder, picture, tmp_path, capsys):
+    folder = str(tiny_editing_folder("img2img")[0])
+    assert main(["edit", str(picture), "a red circle", "--strength", "0.5", "--model", folder, "--steps", "4",
+                 "--output", str(tmp_path / "out")]) == 0
+    (written,) = _written(capsys)
+    expected = ImageToImagePipeline.from_pretrained(folder)("a red circle", image=Image.open(picture),
+                                                             strength=0.5, num_inference_steps=4, seed=0).images[0]
+    np.testing.assert_array_equal(written, np.asarray(expected))
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--strength", "1.5"], "strength=1.5"),
+    (["--mask", "missing.png"], "no such file"),
+])
+def test_bad_edit_input_is_one_line_and_writes_nothing(tiny_editing_folder, picture, tmp_path, capsys, extra,
+                                                       message):
+    folder = str(tiny_editing_folder("img2img")[0])
+    output = tmp_path / "out"
+    assert main(["edit", str(picture), "a red circle", "--model", folder, "--output", str(output), *extra]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1 and not output.exists()
+
+
+def test_a_file_that_is_not_an_image_is_named(tmp_path, capsys):
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    assert main(["edit", str(text), "make the circle blue"]) == 2
+    assert "is not an image file" in capsys.readouterr().err
+
+
+def test_edit_eval_scores_every_category_in_both_languages(tiny_editing_folder, capsys):
+    folder = str(tiny_editing_folder("pix2pix")[0])
+    assert main(["eval", "--task", "edit", "--model", folder, "--steps", "2", "--limit", "1",
+                 "--images-per-prompt", "1"]) == 0
+    table = capsys.readouterr().out
+    for category in ("recolor", "background", "move", "add", "remove", "resize", "two_edits"):
+        assert f"| {category} |" in table
+    assert "success EN" in table and "preservation JA" in table
