@@ -1,13 +1,15 @@
 """Config-driven batch sampling: `ldm sample CONFIG.yaml [key=value ...]`, resumable and splittable by torchrun.
 
     ldm sample configs/sample/batch.yaml steps=20 sampler.name=euler_a seeds=[1,2,3]
+    ldm sample configs/sample/edit.yaml strength=[0.5,0.8]
     torchrun --nproc-per-node 4 -m ldm sample configs/sample/sweep.yaml
     ldm sample --from-png outputs/sample/0000-a-red-circle-s1.png --output outputs/again
     ldm info outputs/sample/0000-a-red-circle-s1.png
 
 The config (omegaconf YAML plus dotted overrides; fields and defaults in `config.JobConfig`): model, model_config,
 device, dtype, sampler {name, schedule}, steps, guidance, guidance_rescale, width, height, prompts, negative_prompt,
-seeds | seed + images_per_prompt, output, filename, batch_size, grid, on_bad_line.
+seeds | seed + images_per_prompt, output, filename, batch_size, grid, on_bad_line, and for editing image, mask,
+strength, image_guidance, mask_blur, keep_unmasked.
 
 - Validation comes first. The whole config and every prompt-file line are checked before any model is loaded or
   any file written; sizes the model cannot make are checked once it is loaded, still before any write. An error
@@ -16,19 +18,28 @@ seeds | seed + images_per_prompt, output, filename, batch_size, grid, on_bad_lin
   stored as A1111's name. `sampler.schedule` (default | karras | exponential) picks that name's variant.
 - Prompts: an inline list, a .txt file (one prompt per non-blank line) or a .jsonl file of
   `{"prompt": ..., "negative_prompt": ..., "seeds"/"seed"/"images_per_prompt": ..., "steps": ..., "guidance": ...,
-  "guidance_rescale": ..., "width": ..., "height": ..., "sampler": ...}`; an item's own fields win over the config's
+  "guidance_rescale": ..., "width": ..., "height": ..., "sampler": ..., "image": ..., "mask": ..., "strength": ...,
+  "image_guidance": ..., "mask_blur": ..., "keep_unmasked": ...}`; an item's own fields win over the config's
   (it may not set a field the config sweeps). Paths are relative to the current folder. A line that cannot be read
   (not UTF-8, not JSON, a bad field) stops the job before any work; with `on_bad_line: record` it is recorded as
   a failed item instead and the rest goes on.
 - Seeds: `seeds: [...]` lists each image's seed; otherwise image k of a prompt has seed `seed + k`, k <
   images_per_prompt (the pipeline's own rule). An item's seeds/seed/images_per_prompt replace the config's.
+- Editing (see `edits`): an item with an `image` is image-to-image, with `image` and `mask` inpainting, and on an
+  instruction model (UNet in_channels 8) instruction editing; the pipelines share the model's weights, samplers,
+  seeds and metadata with text-to-image. Input paths are relative to the config file's folder (prompt files: to
+  the current folder); the files are checked while planning, and each request records their absolute paths and
+  short sha256, so an image made from an input that has changed since is made again.
 - Sweeps: a sweepable field (sampler.name, sampler.schedule, steps, guidance, guidance_rescale, width, height,
-  negative_prompt) given a list is an axis; axes are X, Y, Z in the order the fields appear in the config.
+  negative_prompt, strength, image_guidance) given a list is an axis; axes are X, Y, Z in the order the fields
+  appear in the config.
 - Work items: prompt item x sweep point x seed, in that order, each named by `filename`
-  (default `{item:04d}-{slug}-s{seed}{sweep}` + ".png", e.g. `0003-a-red-circle-s42-steps20-sampler-euler-a`);
-  names depend only on the config and the prompt file, and must be unique (checked).
+  (default `{item:04d}-{slug}-s{seed}{sweep}{edit}` + ".png", e.g. `0003-a-red-circle-s42-steps20-sampler-euler-a`;
+  an edit adds `-from-<image name>-<sha256>[-mask-<sha256>]`); names depend only on the config, the prompt file and
+  the input files, and must be unique (checked).
 - Each PNG carries A1111 `parameters` and the lossless JSON settings (`ldm.metadata.save_png`, atomic), plus the
-  job's `request` for that image (everything that determines it).
+  job's `request` for that image (everything that determines it) and an edit's input paths (`image`, `mask`):
+  `ldm info` prints them, and `--from-png` re-makes an edit while its inputs are still at those paths.
 - Done means: the PNG decodes and holds the same request. The PNGs are the truth; see `manifest` for the log
   (`manifest.rank<R>.jsonl`, fsynced per line) and how `manifest.jsonl` is rebuilt, one line per image, when
   the whole job is resolved. Re-running the same command after a crash or kill -9 makes only what is missing;

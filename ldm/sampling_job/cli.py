@@ -17,6 +17,7 @@ from PIL import Image
 
 from ldm.metadata import PARAMETERS_KEY, SETTINGS_KEY, read_settings, regenerate_kwargs, save_png
 from ldm.pipeline import LatentDiffusionPipeline
+from ldm.sampling_job.edits import PIPELINES_BY_NAME, describe_edit, regeneration_inputs
 from ldm.sampling_job.runner import RunResult, World, resolve_device, run_job
 from ldm.sampling_job.work import load_job
 
@@ -99,19 +100,21 @@ def _summarise(result: RunResult, world: World) -> int:
 
 
 def regenerate(png: Path, folder: Path) -> Path:
-    """Make the image `png`'s settings describe again, write it to `folder` and say whether the pixels match."""
+    """Make the image `png`'s settings describe again (an edit from its input files, still at their recorded
+    paths), write it to `folder` and say whether the pixels match."""
     path = folder / png.name
     if not png.is_file():
         raise ValueError(f"--from-png {png}: no such file")
     if path.resolve() == png.resolve():
         raise ValueError(f"--output {folder} would overwrite {png}; choose another folder")
     settings = read_settings(png)
+    inputs = regeneration_inputs(settings, png)  # before the model loads: a missing input is a clear error
     request = settings.get("request", {})  # written by `ldm sample`: also the dtype and single-file YAML
-    pipe = LatentDiffusionPipeline.from_pretrained(settings["model"], config=request.get("model_config"),
-                                                   device=resolve_device("auto", World()),
-                                                   dtype=getattr(torch, request.get("dtype", "float32")))
-    kwargs = regenerate_kwargs(settings)
-    result = pipe(**kwargs)
+    pipeline_class = PIPELINES_BY_NAME.get(settings.get("pipeline"), LatentDiffusionPipeline)
+    pipe = pipeline_class.from_pretrained(settings["model"], config=request.get("model_config"),
+                                          device=resolve_device("auto", World()),
+                                          dtype=getattr(torch, request.get("dtype", "float32")))
+    result = pipe(**regenerate_kwargs(settings), **inputs)
     save_png(result.images[0], path, {**settings, **result.settings[0]})
     with Image.open(png) as original:
         difference = np.abs(np.asarray(original.convert("RGB"), dtype=int) - np.asarray(result.images[0], dtype=int))
@@ -132,8 +135,12 @@ def info_command(args: argparse.Namespace) -> int:
     if SETTINGS_KEY not in text and PARAMETERS_KEY not in text:
         print(f"ldm info: error: {args.image} holds no generation parameters", file=sys.stderr)
         return FAILED
+    settings = json.loads(text[SETTINGS_KEY]) if SETTINGS_KEY in text else {}
     if not args.json and PARAMETERS_KEY in text:
         print(text[PARAMETERS_KEY])
+    edit = describe_edit(settings)
+    if not args.json and edit:
+        print(edit)
     if SETTINGS_KEY in text:
-        print(json.dumps(json.loads(text[SETTINGS_KEY]), indent=2, ensure_ascii=False, sort_keys=True))
+        print(json.dumps(settings, indent=2, ensure_ascii=False, sort_keys=True))
     return OK

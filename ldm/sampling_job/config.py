@@ -22,14 +22,17 @@ DTYPES = ("float32", "float16", "bfloat16")
 # A schedule picks the sigma grid of a sampler; the names below are the suffixes of SAMPLER_NAMES' variants.
 SCHEDULES = {"default": "", "karras": " Karras", "exponential": " Exponential"}
 BAD_LINE_POLICIES = ("stop", "record")
-DEFAULT_FILENAME = "{item:04d}-{slug}-s{seed}{sweep}"
-FILENAME_FIELDS = ("item", "slug", "seed", "sweep")
+DEFAULT_FILENAME = "{item:04d}-{slug}-s{seed}{sweep}{edit}"
+FILENAME_FIELDS = ("item", "slug", "seed", "sweep", "edit")
 # Fields that may be given a list (a sweep axis), with the short label used in file names and grid captions.
 SWEEP_LABELS = {
     "sampler.name": "sampler", "sampler.schedule": "schedule", "steps": "steps", "guidance": "cfg",
     "guidance_rescale": "rescale", "width": "w", "height": "h", "negative_prompt": "neg",
+    "strength": "strength", "image_guidance": "icfg",
 }
 MAX_AXES = 3  # X, Y, Z
+# Fields checked and normalised like the sweepable ones, but never a list.
+SINGLE_EDIT_FIELDS = ("image", "mask", "mask_blur", "keep_unmasked")
 
 
 class ConfigError(LdmError, ValueError):
@@ -54,10 +57,17 @@ class JobConfig:
     seed: int = 0
     images_per_prompt: int = 1
     output: str = "outputs/sample"  # the folder of images, manifest.jsonl and grids/
-    filename: str = DEFAULT_FILENAME  # fields {item} {slug} {seed} {sweep}; ".png" is appended
+    filename: str = DEFAULT_FILENAME  # fields {item} {slug} {seed} {sweep} {edit}; ".png" is appended
     batch_size: int = 1             # images per pipeline call (same settings only); 1 keeps Ctrl-C per image
     grid: bool = True               # write contact sheets to <output>/grids/
     on_bad_line: str = "stop"       # a bad prompt-file line: stop before any work, or record it as failed and go on
+    # Editing (see ldm.sampling_job.edits); None: not given (the pipeline's default where it applies).
+    image: str | None = None        # the input image; relative paths start at the config file's folder
+    mask: str | None = None         # white = repaint (inpainting); the image's size
+    strength: Any = None            # (0, 1]: the share of the steps redone (image-to-image, inpainting; a list sweeps)
+    image_guidance: Any = None      # >= 0: pull towards the input image (instruction editing; a list sweeps)
+    mask_blur: float | None = None  # >= 0 pixels: feathers the mask (inpainting)
+    keep_unmasked: bool | None = None  # paste the input back where the mask is black (inpainting)
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,29 @@ def _size(value) -> int | None:
 def _text(value) -> str:
     if not isinstance(value, str):
         raise ValueError("must be a string")
+    return value
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """`check`, letting None (not given) through."""
+    return lambda value: None if value is None else check(value)
+
+
+def _path(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("must be a file path (relative paths start at the config file's folder)")
+    return value
+
+
+def _strength(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError("must be a number in (0, 1]: the share of the denoising steps redone from the noised image")
+    return float(value)
+
+
+def _flag(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError("must be true or false")
     return value
 
 
@@ -145,6 +178,12 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "seed": lambda v: _integer(v, 0),
     "images_per_prompt": lambda v: _integer(v, 1),
     "batch_size": lambda v: _integer(v, 1),
+    "image": _optional(_path),
+    "mask": _optional(_path),
+    "strength": _optional(_strength),
+    "image_guidance": _optional(lambda v: _number(v, 0.0)),
+    "mask_blur": _optional(lambda v: _number(v, 0.0)),
+    "keep_unmasked": _optional(_flag),
 }
 
 
@@ -246,9 +285,11 @@ def get_field(values: dict, name: str):
 
 
 def _normalised(config: JobConfig, axes: tuple[Axis, ...], where: str) -> JobConfig:
-    """Single values of sweepable fields checked and normalised (`euler_a` -> "Euler a"); lists are the axes'."""
+    """Single values of sweepable fields (and of the other edit fields) checked and normalised (`euler_a` ->
+    "Euler a"); lists are the axes'."""
     swept = {axis.field for axis in axes}
-    values = {name: check(name, get_field(vars(config), name), where) for name in SWEEP_LABELS if name not in swept}
+    values = {name: check(name, get_field(vars(config), name), where)
+              for name in (*SWEEP_LABELS, *SINGLE_EDIT_FIELDS) if name not in swept}
     sampler = {**config.sampler, **{name[len("sampler."):]: v for name, v in values.items() if "." in name}}
     return replace(config, sampler=sampler, **{name: v for name, v in values.items() if "." not in name})
 
@@ -294,7 +335,7 @@ def _check_model(config: JobConfig, where: str) -> None:
 def check_filename(template, where: str) -> None:
     """The template must format with the known fields and give a plain file name (no folders, no dot first)."""
     try:
-        name = template.format(item=0, slug="a-prompt", seed=0, sweep="-steps20")
+        name = template.format(item=0, slug="a-prompt", seed=0, sweep="-steps20", edit="-from-image-0123456789")
     except (KeyError, IndexError, ValueError, AttributeError) as error:
         raise ConfigError(f"{where}: filename={template!r} cannot be formatted ({error!r}); its fields are "
                           f"{', '.join('{' + f + '}' for f in FILENAME_FIELDS)}") from None

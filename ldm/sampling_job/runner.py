@@ -25,9 +25,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ldm.loading import load_components
 from ldm.metadata import save_png
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.sampling_job.config import ConfigError, JobConfig
+from ldm.sampling_job.edits import JobPipelines, call_arguments, input_paths
 from ldm.sampling_job.grids import write_grids
 from ldm.sampling_job.manifest import ManifestLog, Tally, is_done, line_for, merge, remove_stale_temporaries
 from ldm.sampling_job.work import Job, WorkItem
@@ -89,16 +91,18 @@ class RunResult:
 
 def run_job(job: Job, pipeline: LatentDiffusionPipeline | None = None, world: World = World()) -> RunResult:
     """Make the images of this rank's share of `job` that are not done yet; rank 0 then writes manifest.jsonl
-    and the grids if the whole job is finished. `pipeline` overrides the config's model."""
+    and the grids if the whole job is finished. `pipeline` overrides the config's model (edit items use the
+    editing pipelines on its weights)."""
     started = time.perf_counter()
     share = [item for item in job.items if item.request is not None][world.rank::world.size]
     todo = [item for item in share if not is_done(job.output / item.filename, item.request)]
     result = RunResult(already_done=len(share) - len(todo))
     if todo:
-        pipe = pipeline or load_pipeline(job.config, world)
+        pipes = (load_pipelines(job.config, share, world) if pipeline is None
+                 else JobPipelines.around(pipeline, share))
         result.load_seconds = time.perf_counter() - started
-        check_sizes(share, pipe.latent_factor)
-        _make(job, pipe, todo, world, result, total=len(share))
+        check_sizes(share, pipes.latent_factor)
+        _make(job, pipes, todo, world, result, total=len(share))
     result.interrupted = world.any(result.interrupted)  # also waits for every rank to finish
     if world.rank == 0 and not result.interrupted:
         result.job = merge(job)
@@ -110,12 +114,11 @@ def run_job(job: Job, pipeline: LatentDiffusionPipeline | None = None, world: Wo
     return result
 
 
-def load_pipeline(config: JobConfig, world: World) -> LatentDiffusionPipeline:
-    pipe = LatentDiffusionPipeline.from_pretrained(config.model, config=config.model_config,
-                                                   device=resolve_device(config.device, world),
-                                                   dtype=getattr(torch, config.dtype))
-    pipe.progress_bar = False  # the job has its own bar
-    return pipe
+def load_pipelines(config: JobConfig, items: list[WorkItem], world: World) -> JobPipelines:
+    """The config's model, once, with the pipeline of each mode `items` need (a ConfigError for one it cannot do)."""
+    components = load_components(config.model, config=config.model_config)
+    pipes = JobPipelines.build(components, items, config.model)
+    return pipes.to(resolve_device(config.device, world), getattr(torch, config.dtype))
 
 
 def resolve_device(name: str, world: World) -> str:
@@ -138,7 +141,8 @@ def check_sizes(items: list[WorkItem], factor: int) -> None:
 
 # --------------------------------------------------------------------------------------------- the loop
 
-def _make(job: Job, pipe, items: list[WorkItem], world: World, result: RunResult, total: int) -> None:
+def _make(job: Job, pipes: JobPipelines, items: list[WorkItem], world: World, result: RunResult,
+          total: int) -> None:
     log = ManifestLog(job.output, world.rank)
     # Rank 0's bar counts its share: the shares are interleaved, so its ETA is the job's.
     with _stop_requests() as stop, tqdm(total=total, initial=result.already_done, unit="img", desc="sampling",
@@ -148,7 +152,7 @@ def _make(job: Job, pipe, items: list[WorkItem], world: World, result: RunResult
                 if stop.requested:
                     result.interrupted = True
                     break
-                for item, outcome, seconds in _generate_each(pipe, batch):
+                for item, outcome, seconds in _generate_each(pipes, batch):
                     _record(job, log, item, outcome, seconds, world.rank, result)
                     bar.update()
         finally:
@@ -164,18 +168,18 @@ def _batches(items: list[WorkItem], size: int):
             yield run[start:start + size]
 
 
-def _generate_each(pipe, batch: list[WorkItem]):
+def _generate_each(pipes: JobPipelines, batch: list[WorkItem]):
     """(item, (image, settings) or the exception, seconds) for each item; a failed batch is retried one by one,
     so that one bad image (or an out-of-memory batch) does not take the others with it."""
     started = time.perf_counter()
     try:
-        outcomes = _generate(pipe, batch)
+        outcomes = _generate(pipes, batch)
     except Exception as error:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # after an out-of-memory error, give the retry the whole GPU
         if len(batch) > 1:
             for item in batch:
-                yield from _generate_each(pipe, [item])
+                yield from _generate_each(pipes, [item])
             return
         outcomes = [error]
     seconds = (time.perf_counter() - started) / len(batch)
@@ -183,15 +187,15 @@ def _generate_each(pipe, batch: list[WorkItem]):
         yield item, outcome, seconds
 
 
-def _generate(pipe, batch: list[WorkItem]) -> list:
+def _generate(pipes: JobPipelines, batch: list[WorkItem]) -> list:
     requests = [item.request for item in batch]
-    first = requests[0]
+    first = requests[0]  # a batch shares everything but prompts and seeds: the mode and the input files too
+    mode, pipe = pipes.for_request(first)
     output = pipe(
         [r["prompt"] for r in requests], negative_prompt=[r["negative_prompt"] for r in requests],
         generator=[torch.Generator().manual_seed(r["seed"]) for r in requests],  # image k: seed k's own noise
         height=first["height"], width=first["width"], num_inference_steps=first["steps"],
-        guidance_scale=first["guidance"], guidance_rescale=first["guidance_rescale"], sampler=first["sampler"],
-        output_type="np",
+        guidance_scale=first["guidance"], sampler=first["sampler"], output_type="np", **call_arguments(first, mode),
     )
     outcomes = []
     for request, pixels, settings in zip(requests, output.images, output.settings):
@@ -201,7 +205,7 @@ def _generate(pipe, batch: list[WorkItem]) -> list:
             continue
         image = Image.fromarray((pixels * 255).round().astype(np.uint8))  # the pipeline's own "pil" rounding
         # The pipeline cannot name the seed of a generator it was given; it is the request's.
-        outcomes.append((image, {**settings, "seed": request["seed"], "request": request}))
+        outcomes.append((image, {**settings, "seed": request["seed"], **input_paths(request), "request": request}))
     return outcomes
 
 

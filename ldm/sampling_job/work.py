@@ -14,11 +14,12 @@ from pathlib import Path
 from ldm.sampling_job.config import (
     SWEEP_LABELS, Axis, ConfigError, JobConfig, check, check_seeds, effective_sampler, get_field, load_config,
 )
+from ldm.sampling_job.edits import EDIT_FIELDS, InputReader, edit_request
 
 PROMPT_FILE_KINDS = (".txt", ".jsonl")
 # What a prompt item (a JSONL line, or a mapping in the inline list) may set for itself.
 ITEM_FIELDS = ("prompt", "negative_prompt", "seeds", "seed", "images_per_prompt", "steps", "guidance",
-               "guidance_rescale", "width", "height", "sampler")
+               "guidance_rescale", "width", "height", "sampler", *EDIT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -55,9 +56,10 @@ class Job:
 
 
 def load_job(path: str | Path | None, overrides: list[str] = ()) -> Job:
-    """Validate the config and its prompt file, and expand them into work items; raises ConfigError."""
+    """Validate the config, its prompt file and its input images, and expand them into work items; raises
+    ConfigError."""
     config, axes = load_config(path, overrides)
-    return Job(config, axes, tuple(expand(config, axes)))
+    return Job(config, axes, tuple(expand(config, axes, path)))
 
 
 # ------------------------------------------------------------------------------------------------ prompt items
@@ -143,8 +145,13 @@ def _item_sampler(value, source: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ expansion
 
-def expand(config: JobConfig, axes: tuple[Axis, ...]) -> list[WorkItem]:
+def expand(config: JobConfig, axes: tuple[Axis, ...], config_path: str | Path | None = None) -> list[WorkItem]:
+    """The work items; input image paths are relative to the folder of `config_path` (None: the current one)."""
     base = {name: get_field(vars(config), name) for name in SWEEP_LABELS}
+    read = InputReader(Path(config_path).parent if config_path is not None else Path.cwd())
+    for name in ("image", "mask"):  # the config's own files, named as the config's
+        if getattr(config, name) is not None:
+            read(getattr(config, name), name, str(config_path or "config"))
     items = []
     for prompt_item in read_prompt_items(config.prompts, config.on_bad_line):
         if prompt_item.error:
@@ -155,9 +162,12 @@ def expand(config: JobConfig, axes: tuple[Axis, ...]) -> list[WorkItem]:
         settings = {**base, **{k: v for k, v in prompt_item.fields.items() if k in SWEEP_LABELS}}
         for point in itertools.product(*(axis.values for axis in axes)):
             at_point = {**settings, **{axis.field: value for axis, value in zip(axes, point)}}
+            edit_fields = {name: at_point.get(name, prompt_item.fields.get(name, getattr(config, name)))
+                           for name in EDIT_FIELDS}
+            edit = edit_request(edit_fields, read, prompt_item.source)
             for seed in _seeds(config, prompt_item.fields):
-                request = _request(config, prompt_item, at_point, seed)
-                key = _file_stem(config.filename, prompt_item, seed, axes, point)
+                request = {**_request(config, prompt_item, at_point, seed), **edit}
+                key = _file_stem(config.filename, prompt_item, seed, axes, point, edit)
                 items.append(WorkItem(key, prompt_item.number, prompt_item.source, point, request))
     _check_unique(items, config.filename)
     return items
@@ -191,9 +201,20 @@ def _request(config: JobConfig, item: PromptItem, settings: dict, seed: int) -> 
     }
 
 
-def _file_stem(template: str, item: PromptItem, seed: int, axes: tuple[Axis, ...], point: tuple) -> str:
+def _file_stem(template: str, item: PromptItem, seed: int, axes: tuple[Axis, ...], point: tuple,
+               edit: dict) -> str:
     sweep = "".join(f"-{axis.label}{value_slug(value)}" for axis, value in zip(axes, point))
-    return template.format(item=item.number, slug=slug(item.fields["prompt"]), seed=seed, sweep=sweep)
+    return template.format(item=item.number, slug=slug(item.fields["prompt"]), seed=seed, sweep=sweep,
+                           edit=edit_stem(edit))
+
+
+def edit_stem(edit: dict) -> str:
+    """The name's {edit} part: "" for text-to-image, else "-from-<image name>-<sha256>[-mask-<sha256>]", so images
+    made from other inputs never take each other's names."""
+    if not edit:
+        return ""
+    stem = f"-from-{slug(Path(edit['image']).stem, limit=24, empty='image')}-{edit['image_sha256']}"
+    return stem + (f"-mask-{edit['mask_sha256']}" if edit["mask"] else "")
 
 
 def slug(text: str, limit: int = 40, empty: str = "prompt") -> str:
