@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm import __version__
+from ldm.checkpoints.diffusers_folder import DEFAULT_SAMPLE_SIZE
 from ldm.checkpoints.files import find_weights_file
 from ldm.decoders import VAEDecoder
 from ldm.diffusers_schedulers import SamplingPlan, plan_for, run
@@ -251,7 +252,7 @@ class LatentDiffusionPipeline:
         return encode_prompt(self.text_encoder, prompts).tokens.to(self.device)
 
     def _check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
-        default = 8 * self.latent_factor  # diffusers' sample_size is not carried; 64-px-latent models set it
+        default = (self.unet.config.sample_size or DEFAULT_SAMPLE_SIZE) * self.latent_factor  # as diffusers
         height = default if height is None else height
         width = default if width is None else width
         # The UNet halves the latent (len(channels) - 1) times; odd sizes work, but the latent must be whole.

@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -41,6 +43,18 @@ def test_default_sampler_is_the_folders_scheduler_and_images_match(tiny_sd_folde
     actual, expected = run_both(folder)
     assert actual.shape == expected.shape == (2, 16, 16, 3)
     assert np.abs(actual - expected).max() <= 2e-3
+
+
+def test_default_size_is_the_unets_sample_size_as_in_diffusers(tiny_sd_folder, tmp_path):
+    kind, folder, theirs = tiny_sd_folder
+    ours = LatentDiffusionPipeline.from_pretrained(folder)
+    ours.progress_bar = False
+    expected = theirs("a red circle", num_inference_steps=1, output_type="np").images.shape
+    assert ours("a red circle", num_inference_steps=1, output_type="np", seed=0).images.shape == expected
+    ours.unet.config = dataclasses.replace(ours.unet.config, sample_size=4)
+    ours.save_pretrained(tmp_path / "resaved")
+    again = LatentDiffusionPipeline.from_pretrained(tmp_path / "resaved")
+    assert again("a red circle", num_inference_steps=1, output_type="np", seed=0).images.shape == (1, 8, 8, 3)
 
 
 def test_guidance_rescale_and_no_guidance_match_diffusers(tiny_sd_folder):

@@ -56,6 +56,10 @@ def _check_fixed(config: dict, fixed: dict, path) -> None:
         raise UnknownArchitectureError(path, f"unsupported diffusers settings {unsupported}")
 
 
+# SD 1.x and 2.x-base latents (512 px): the size assumed for a UNet whose config does not say.
+DEFAULT_SAMPLE_SIZE = 64
+
+
 def unet_config_from_diffusers(config: dict, path=None) -> UNetConfig:
     """Translate a diffusers `unet/config.json` into a UNetConfig, refusing layouts we do not implement."""
     _check_fixed(config, _UNET_FIXED, path)
@@ -92,13 +96,14 @@ def unet_config_from_diffusers(config: dict, path=None) -> UNetConfig:
         flip_sin_to_cos=config.get("flip_sin_to_cos", True),
         freq_shift=config.get("freq_shift", 0),
         upcast_attention=bool(config.get("upcast_attention", False)),
+        sample_size=config.get("sample_size"),
     )
 
 
-def unet_config_to_diffusers(config: UNetConfig, sample_size: int = 64) -> dict:
+def unet_config_to_diffusers(config: UNetConfig) -> dict:
     return {
         "_class_name": "UNet2DConditionModel",
-        "sample_size": sample_size,
+        "sample_size": config.sample_size or DEFAULT_SAMPLE_SIZE,
         "in_channels": config.in_channels,
         "out_channels": config.out_channels,
         "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels],

@@ -33,6 +33,7 @@ class UNetConfig:
     flip_sin_to_cos: bool = True                           # timestep embedding order [cos, sin] (SD) or [sin, cos]
     freq_shift: float = 0.0                                # timestep embedding frequency shift (0 for SD)
     upcast_attention: bool = False                         # SD2.1: attention scores in fp32 under fp16
+    sample_size: int | None = None                         # latent size it was trained at: the default image size
 
     @property
     def time_embed_dim(self) -> int:

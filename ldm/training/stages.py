@@ -123,7 +123,7 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
     text_model = CLIPTextModel(text_config)
     spread_embeddings(text_model, **config.get("text_embedding_std", {}))
     unet = UNet(replace(dataclass_from(UNetConfig, config.get("unet"), "unet"),
-                        context_dim=text_config.hidden_size))
+                        context_dim=text_config.hidden_size, sample_size=cache["latents"].shape[-1]))
     if init:  # its weights, with a fresh optimiser (a checkpoint.pt in `output`, if any, still wins)
         unet.load_state_dict(init.unet.state_dict())
         text_model.load_state_dict(init.text_encoder.model.state_dict())
@@ -241,6 +241,7 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     text_model = transfer_vocabulary(base.text_encoder.model.float(), base.text_encoder.tokenizer, tokenizer,
                                      attn_implementation="eager" if cpu else None)
     unet = widen_input(base.unet.float(), base.unet.config.in_channels + cache["source"].shape[1])
+    unet.config = replace(unet.config, sample_size=cache["target"].shape[-1])  # the default image size
     if cpu:
         set_attention_backend(unet, "math")
     diffusion = dict(config.get("diffusion", {}))
