@@ -1,7 +1,7 @@
 """Helpers for the notebooks in notebooks/: settings from the environment, labelled image grids that display inline,
 a live preview during sampling, clean interruption, and a record of the UNet's cross-attention.
 
-    nb = notebook_settings()                  # LDM_NOTEBOOK_MODEL, _SIZE, _DEVICE, _QUICK
+    nb = notebook_settings()                  # LDM_NOTEBOOK_MODEL, _EDIT_MODEL, _SIZE, ... (see below)
     pipe = LatentDiffusionPipeline.from_pretrained(nb.model)
     show_grid(pipe(["a red circle"] * 4, seed=0).images, labels=["seed 0", "seed 1", "seed 2", "seed 3"])
 
@@ -42,6 +42,8 @@ from ldm.samplers import Callback, StepInfo
 # ------------------------------------------------------------------------------------------------ settings
 
 MODEL_VARIABLE = "LDM_NOTEBOOK_MODEL"    # the embedded model's name, a diffusers folder or a single file
+EDIT_MODEL_VARIABLE = "LDM_NOTEBOOK_EDIT_MODEL"        # the instruction-editing model: "shapes-edit", a folder
+INPAINT_MODEL_VARIABLE = "LDM_NOTEBOOK_INPAINT_MODEL"  # the inpainting model; unset: LDM_NOTEBOOK_MODEL's
 SIZE_VARIABLE = "LDM_NOTEBOOK_SIZE"      # image side in pixels: 64 for the shapes model, 512 for SD 1.x
 DEVICE_VARIABLE = "LDM_NOTEBOOK_DEVICE"  # cpu, cuda, mps
 QUICK_VARIABLE = "LDM_NOTEBOOK_QUICK"    # 1: the lighter parameters the test suite runs the notebooks with
@@ -53,6 +55,12 @@ class NotebookSettings:
     size: int = 64
     device: str = "cpu"
     quick: bool = False
+    edit_model: str = "shapes-edit"  # InstructPix2PixPipeline's model (an 8-channel UNet)
+    inpaint_model: str | None = None  # InpaintPipeline's model (4 or 9 channels); None: `model`
+
+    def __post_init__(self):
+        if self.inpaint_model is None:  # any text-to-image model inpaints by latent blending
+            object.__setattr__(self, "inpaint_model", self.model)
 
     def pick(self, full, quick):
         """`quick` under the test suite's lighter parameter set, else `full`."""
@@ -69,7 +77,9 @@ def notebook_settings() -> NotebookSettings:
     if quick_text not in ("", "0", "1", "false", "true"):
         raise ValueError(f"{QUICK_VARIABLE}={quick_text!r} must be 1 (lighter parameters) or 0")
     return NotebookSettings(model=os.environ.get(MODEL_VARIABLE, "shapes"), size=int(size_text),
-                            device=os.environ.get(DEVICE_VARIABLE, "cpu"), quick=quick_text in ("1", "true"))
+                            device=os.environ.get(DEVICE_VARIABLE, "cpu"), quick=quick_text in ("1", "true"),
+                            edit_model=os.environ.get(EDIT_MODEL_VARIABLE, "shapes-edit"),
+                            inpaint_model=os.environ.get(INPAINT_MODEL_VARIABLE))
 
 
 # ------------------------------------------------------------------------------------------------ pictures

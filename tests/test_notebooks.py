@@ -2,8 +2,9 @@
 
 Every notebook is executed top to bottom with nbclient, in a kernel running this interpreter, with the lighter
 parameter set (LDM_NOTEBOOK_QUICK=1), against LDM_NOTEBOOK_MODEL when set, else the embedded model when it is
-installed, else a tiny random SD-shaped pipeline (which checks the wiring, not the pictures). Committed
-notebooks must carry no outputs.
+installed, else a tiny random SD-shaped pipeline (which checks the wiring, not the pictures); likewise for the
+instruction-editing model (LDM_NOTEBOOK_EDIT_MODEL, "shapes-edit", a tiny random InstructPix2Pix folder).
+Committed notebooks must carry no outputs.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import torch
 from PIL import Image
 from transformers import CLIPTextConfig
 
-from conftest import randomize, tiny_random_pipeline
+from conftest import randomize, tiny_editing_pipeline, tiny_random_pipeline
 from ldm.decoders import LatentPreviewDecoder
 from ldm.loading import EMBEDDED_MODELS
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.notebook import (
-    Interrupt, LivePreview, StopSampling, capture_cross_attention, chain, notebook_settings, plot_maps, show_grid,
-    slerp, to_pil, token_labels,
+    Interrupt, LivePreview, NotebookSettings, StopSampling, capture_cross_attention, chain, notebook_settings,
+    plot_maps, show_grid, slerp, to_pil, token_labels,
 )
 from ldm.samplers import sample_euler
 
@@ -52,7 +53,7 @@ def test_committed_notebook_has_no_outputs(path):
 
 @pytest.fixture(scope="module")
 def notebook_environment(tmp_path_factory):
-    """LDM_NOTEBOOK_* for the kernels: the model to run, at its image size, with the lighter parameter set."""
+    """LDM_NOTEBOOK_* for the kernels: the models to run, at their image size, with the lighter parameter set."""
     import os
 
     environment = {"LDM_NOTEBOOK_QUICK": "1"}
@@ -60,6 +61,11 @@ def notebook_environment(tmp_path_factory):
         folder = tmp_path_factory.mktemp("notebook-model")
         tiny_random_pipeline().save_pretrained(folder)
         environment.update(LDM_NOTEBOOK_MODEL=str(folder), LDM_NOTEBOOK_SIZE="16")  # latent factor 2: 8x8 latents
+    if "LDM_NOTEBOOK_EDIT_MODEL" not in os.environ \
+            and not (EMBEDDED_MODELS["shapes-edit"] / "model_index.json").is_file():
+        folder = tmp_path_factory.mktemp("notebook-edit-model")
+        tiny_editing_pipeline("pix2pix").save_pretrained(folder)  # latent factor 2: any multiple of 8 fits
+        environment.update(LDM_NOTEBOOK_EDIT_MODEL=str(folder))
     return environment
 
 
@@ -111,6 +117,23 @@ def test_notebook_settings_read_the_environment(monkeypatch):
     monkeypatch.setenv("LDM_NOTEBOOK_SIZE", "100")
     with pytest.raises(ValueError, match="LDM_NOTEBOOK_SIZE='100' must be a positive multiple of 8"):
         notebook_settings()
+
+
+def test_notebook_settings_read_the_editing_models(monkeypatch):
+    for name in ("LDM_NOTEBOOK_MODEL", "LDM_NOTEBOOK_EDIT_MODEL", "LDM_NOTEBOOK_INPAINT_MODEL"):
+        monkeypatch.delenv(name, raising=False)
+    defaults = notebook_settings()
+    assert (defaults.edit_model, defaults.inpaint_model) == ("shapes-edit", "shapes")
+    monkeypatch.setenv("LDM_NOTEBOOK_MODEL", "/models/sd15")
+    assert notebook_settings().inpaint_model == "/models/sd15"  # unset: the text-to-image model, by blending
+    monkeypatch.setenv("LDM_NOTEBOOK_EDIT_MODEL", "/models/instruct-pix2pix")
+    monkeypatch.setenv("LDM_NOTEBOOK_INPAINT_MODEL", "/models/sd-inpainting")
+    custom = notebook_settings()
+    assert (custom.model, custom.edit_model, custom.inpaint_model) == \
+        ("/models/sd15", "/models/instruct-pix2pix", "/models/sd-inpainting")
+    # Settings built in code, as before the editing models existed, keep their meaning.
+    assert NotebookSettings("/models/sd15", 512, "cuda", True) == \
+        NotebookSettings("/models/sd15", 512, "cuda", True, "shapes-edit", "/models/sd15")
 
 
 def test_to_pil_maps_the_decoder_range_to_bytes():
