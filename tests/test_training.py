@@ -259,6 +259,11 @@ def test_edit_stage_starts_from_a_text_to_image_model_and_exports_an_instruct_pi
     cached = torch.load(tmp_path / "edit" / "latents.pt", weights_only=True)
     assert cached["source"].shape == cached["target"].shape == (16, 4, 8, 8)
     assert len(cached["instructions"]) == 16 and all(cached["instructions"])
+    # an edit model continues as one (8 input channels, its own weights)
+    again = train(_write({**config, "init": str(model), "output": str(tmp_path / "again")}, tmp_path, "again.yaml"))
+    continued = _weights(again)
+    for key, value in _weights(model).items():
+        torch.testing.assert_close(continued[key], value, atol=1e-6, rtol=0, msg=key)
 
 
 # ------------------------------------------------------------------------------------------------ bad configs

@@ -240,7 +240,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     cpu = settings.device == "cpu"
     text_model = transfer_vocabulary(base.text_encoder.model.float(), base.text_encoder.tokenizer, tokenizer,
                                      attn_implementation="eager" if cpu else None)
-    unet = widen_input(base.unet.float(), base.unet.config.in_channels + cache["source"].shape[1])
+    # noisy target latents + source latents; an init that is already an edit model keeps its conv_in
+    unet = widen_input(base.unet.float(), cache["target"].shape[1] + cache["source"].shape[1])
     unet.config = replace(unet.config, sample_size=cache["target"].shape[-1])  # the default image size
     if cpu:
         set_attention_backend(unet, "math")
@@ -268,6 +269,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
 
 def widen_input(unet: UNet, in_channels: int) -> UNet:
     """A copy of `unet` taking `in_channels` inputs; the added channels' conv_in weights are zero."""
+    if unet.config.in_channels > in_channels:
+        raise ValueError(f"cannot narrow a UNet with in_channels={unet.config.in_channels} to {in_channels}")
     wide = UNet(replace(unet.config, in_channels=in_channels))
     state = unet.state_dict()
     weight = state["conv_in.weight"]
