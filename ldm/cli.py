@@ -46,8 +46,8 @@ def demo(output: Path, steps: int, seed: int) -> Path:
 
 
 def shape_eval(model: str, steps: int, guidance: float, images_per_prompt: int, limit: int | None,
-               output: Path | None, progress: bool = True) -> str:
-    """ShapeEval of a model on the shapes world: the Markdown table (also written, with details, to `output`)."""
+               output: Path | None, progress: bool = True):
+    """ShapeEval of a model on the shapes world: the report (also written, with details, to `output`)."""
     from ldm.evaluation import evaluate, shape_eval_prompts
 
     pipe = LatentDiffusionPipeline.from_pretrained(model)
@@ -61,11 +61,11 @@ def shape_eval(model: str, steps: int, guidance: float, images_per_prompt: int, 
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(report.to_json(), encoding="utf-8")
-    return report.table()
+    return report
 
 
 def edit_eval(model: str, steps: int, guidance: float, image_guidance: float, images_per_case: int,
-              per_kind: int, output: Path | None, progress: bool = True) -> str:
+              per_kind: int, output: Path | None, progress: bool = True):
     """Success and preservation of an instruction-editing model on unseen shapes scenes (ldm/edit_evaluation.py)."""
     from ldm.edit_evaluation import edit_eval_cases, evaluate_edits
     from ldm.editing import InstructPix2PixPipeline
@@ -82,7 +82,7 @@ def edit_eval(model: str, steps: int, guidance: float, image_guidance: float, im
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(report.to_json(), encoding="utf-8")
-    return report.table()
+    return report
 
 
 def edit(image: Path, text: str, args: argparse.Namespace) -> list[Path]:
@@ -105,6 +105,17 @@ def edit(image: Path, text: str, args: argparse.Namespace) -> list[Path]:
         result = pipe(text, image=source, guidance_scale=args.guidance,
                       image_guidance_scale=args.image_guidance, **common)
     return result.save(args.output, prefix=image.stem)
+
+
+def convert(source: str, destination: Path, format: str, dtype: torch.dtype, config: str | None) -> None:
+    """Any model ldm loads (text-to-image, inpainting or instruction UNets alike), rewritten in `format`."""
+    from ldm.loading import load_components, save_diffusers_folder, save_single_file
+
+    components = load_components(source, config=config)
+    for module in (components.unet, components.vae, components.text_encoder.model):
+        module.to(dtype=dtype)
+    save = save_diffusers_folder if format == "diffusers" else save_single_file
+    save(components, destination)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,17 +175,17 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "eval" and args.task == "edit":
         model = "shapes-edit" if args.model == "shapes" else args.model
         print(edit_eval(model, args.steps, args.guidance, args.image_guidance, args.images_per_prompt,
-                        args.limit or 16, args.output))
+                        args.limit or 16, args.output).table())
     elif args.command == "eval":
-        print(shape_eval(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit, args.output))
+        print(shape_eval(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit,
+                         args.output).table())
     elif args.command == "edit":
         for path in edit(args.image, args.text, args):
             print(path.resolve())
     elif args.command == "demo":
         print(demo(args.output, args.steps, args.seed).resolve())
     elif args.command == "convert":
-        pipe = LatentDiffusionPipeline.from_pretrained(args.source, config=args.config)
-        pipe.to(dtype=getattr(torch, args.dtype)).save_pretrained(args.destination, format=args.format)
+        convert(args.source, args.destination, args.format, getattr(torch, args.dtype), args.config)
         print(args.destination.resolve())
     elif args.command == "train":
         from ldm.training.stages import train
