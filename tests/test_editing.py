@@ -353,10 +353,11 @@ def test_a_unet_of_the_wrong_width_names_the_pipeline_that_fits(tiny_editing_fol
     assert counter.calls == 0
 
 
-def test_instruction_pipeline_default_model_needs_an_instruction_model():
-    assert InstructPix2PixPipeline.default_model == LatentDiffusionPipeline.default_model == "shapes"
+def test_instruction_pipeline_defaults_to_the_embedded_edit_model_and_refuses_a_text_to_image_one():
+    assert InstructPix2PixPipeline.from_pretrained().unet.config.in_channels == 8  # shapes-edit
+    assert LatentDiffusionPipeline.default_model == "shapes"
     with pytest.raises(ValueError, match="InstructPix2PixPipeline needs a UNet with in_channels 8.*in_channels=4"):
-        InstructPix2PixPipeline.from_pretrained()
+        InstructPix2PixPipeline.from_pretrained("shapes")
 
 
 # ---------------------------------------------------------------------------------------------------- settings, files
