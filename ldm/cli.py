@@ -4,6 +4,7 @@ image by instruction (or, with --mask / --strength, inpaints / redraws it from a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from ldm.grids import labelled_grid
 from ldm.metadata import save_png
 from ldm.pipeline import LatentDiffusionPipeline
 from ldm.sampling_job import add_commands as add_sampling_commands
+from ldm.sampling_job.work import slug
 
 # (English, Japanese) pairs with the same meaning; the last asks for a colour-shape pair never seen in training.
 DEMO_PROMPTS = [
@@ -104,7 +106,9 @@ def edit(image: Path, text: str, args: argparse.Namespace) -> list[Path]:
         pipe = InstructPix2PixPipeline.from_pretrained(args.model)
         result = pipe(text, image=source, guidance_scale=args.guidance,
                       image_guidance_scale=args.image_guidance, **common)
-    return result.save(args.output, prefix=image.stem)
+    # one file per input and text; the hash tells texts apart that have no ASCII words (Japanese)
+    text_hash = hashlib.sha256(text.encode()).hexdigest()[:6]
+    return result.save(args.output, prefix=f"{image.stem}-{slug(text, empty='edit')}-{text_hash}")
 
 
 def convert(source: str, destination: Path, format: str, dtype: torch.dtype, config: str | None) -> None:

@@ -98,3 +98,11 @@ def test_edit_eval_scores_every_category_in_both_languages(tiny_editing_folder, 
     for category in ("recolor", "background", "move", "add", "remove", "resize", "two_edits"):
         assert f"| {category} |" in table
     assert "success EN" in table and "preservation JA" in table
+
+
+def test_each_instruction_gets_its_own_file(tiny_editing_folder, picture, tmp_path, capsys):
+    folder = str(tiny_editing_folder("pix2pix")[0])
+    for text in ("丸を青くして", "背景を黒にして"):
+        assert main(["edit", str(picture), text, "--model", folder, "--steps", "1",
+                     "--output", str(tmp_path / "out")]) == 0
+    assert len(set(capsys.readouterr().out.split())) == 2 == len(list((tmp_path / "out").glob("*.png")))
