@@ -60,10 +60,7 @@ def shape_eval(model: str, steps: int, guidance: float, images_per_prompt: int, 
         return pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
 
     report = evaluate(generate, shape_eval_prompts(limit_per_category=limit), images_per_prompt, progress=progress)
-    if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(report.to_json(), encoding="utf-8")
-    return report
+    return _written(report, output)
 
 
 def edit_eval(model: str, steps: int, guidance: float, image_guidance: float, images_per_case: int,
@@ -81,6 +78,11 @@ def edit_eval(model: str, steps: int, guidance: float, image_guidance: float, im
                     image_guidance_scale=image_guidance, generator=generators).images
 
     report = evaluate_edits(edit, edit_eval_cases(per_kind=per_kind), images_per_case, progress=progress)
+    return _written(report, output)
+
+
+def _written(report, output: Path | None):
+    """The report, after writing its details as JSON to `output` when one is given."""
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(report.to_json(), encoding="utf-8")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -193,11 +193,18 @@ def _tokenizer(config: DictConfig, dataset, output: Path):
     max_length = config.text_encoder.get("max_position_embeddings", 77)
     if items is None:
         return clip_tokenizer(max_length)
+    return _saved_compact_tokenizer(
+        output, lambda: [text for index in range(min(items, len(dataset))) for text in dataset[index]["captions"]],
+        max_length)
+
+
+def _saved_compact_tokenizer(output: Path, texts: Callable[[], list[str]], max_length: int):
+    """The run's compact vocabulary: the one saved in `output` (a resumed run must keep its ids), else one built
+    from `texts()` and saved there."""
     saved = output / "tokenizer"
-    if (saved / "tokenizer_config.json").is_file():  # a resumed run must keep its ids
+    if (saved / "tokenizer_config.json").is_file():
         return load_tokenizer(saved)
-    texts = [text for index in range(min(items, len(dataset))) for text in dataset[index]["captions"]]
-    tokenizer = compact_clip_tokenizer(texts, max_length)
+    tokenizer = compact_clip_tokenizer(texts(), max_length)
     tokenizer.save_pretrained(saved)
     return tokenizer
 
@@ -236,7 +243,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     base = load_components(config.init)
     vae = base.vae.float().requires_grad_(False)
     cache = edit_latent_cache(dataset, vae, output / "latents.pt", config.get("latent_cache", len(dataset)))
-    tokenizer = _edit_tokenizer(output, cache["instructions"], base.text_encoder.tokenizer.model_max_length)
+    tokenizer = _saved_compact_tokenizer(output, lambda: [text for texts in cache["instructions"] for text in texts],
+                                         base.text_encoder.tokenizer.model_max_length)
     cpu = settings.device == "cpu"
     text_model = transfer_vocabulary(base.text_encoder.model.float(), base.text_encoder.tokenizer, tokenizer,
                                      attn_implementation="eager" if cpu else None)
@@ -297,15 +305,6 @@ def transfer_vocabulary(model: CLIPTextModel, old_tokenizer, new_tokenizer, **co
     new.load_state_dict(state, strict=False)
     new.get_input_embeddings().weight.data.copy_(table)
     return new
-
-
-def _edit_tokenizer(output: Path, instructions: list[list[str]], max_length: int):
-    saved = output / "tokenizer"
-    if (saved / "tokenizer_config.json").is_file():  # a resumed run must keep its ids
-        return load_tokenizer(saved)
-    tokenizer = compact_clip_tokenizer([text for texts in instructions for text in texts], max_length)
-    tokenizer.save_pretrained(saved)
-    return tokenizer
 
 
 def edit_latent_cache(dataset, vae: AutoencoderKL, path: Path, count: int, batch_size: int = 256) -> dict[str, Any]:
