@@ -183,7 +183,7 @@ def test_resumed_run_continues_exactly(tmp_path, trained_autoencoder):
 
 
 def test_exported_model_matches_diffusers(tmp_path, trained_autoencoder):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from ldm import LatentDiffusionPipeline
 
@@ -197,6 +197,11 @@ def test_exported_model_matches_diffusers(tmp_path, trained_autoencoder):
     expected = theirs("赤い丸", latents=latents, **kwargs).images
     actual = ours("赤い丸", latents=latents, **kwargs).images
     np.testing.assert_allclose(actual, expected, atol=2e-3)
+    # DDIM by name, as diffusers builds it from the folder's config: x0 unclamped, as latents need
+    theirs.scheduler = DDIMScheduler.from_config(theirs.scheduler.config)
+    assert theirs.scheduler.config.clip_sample is False
+    expected = theirs("赤い丸", latents=latents, **kwargs).images
+    np.testing.assert_allclose(ours("赤い丸", latents=latents, sampler="DDIM", **kwargs).images, expected, atol=2e-3)
     # the latent scaling was measured from the data: unit variance in the UNet's space
     cached = torch.load(tmp_path / "run" / "latents.pt", weights_only=True)
     assert ours.vae.config.scaling_factor == pytest.approx(1 / cached["latents"].float().std().item(), rel=1e-3)

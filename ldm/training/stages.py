@@ -154,8 +154,10 @@ def _pipeline_exporter(unet: UNet, vae: AutoencoderKL, text_model: CLIPTextModel
                        prediction_type: str):
     """Writes the live (EMA-swapped) models as a diffusers folder with a DPM-Solver++ scheduler."""
     def export(folder: Path):
+        # clip_sample=False as in Stable Diffusion's configs: DDIM's default clamps the x0 guess to [-1, 1],
+        # which suits pixels, not unit-variance latents (sampler="DDIM" drew empty pictures with it).
         scheduler_config = {"_class_name": "DPMSolverMultistepScheduler", "prediction_type": prediction_type,
-                            "steps_offset": 1, **diffusion}
+                            "steps_offset": 1, "clip_sample": False, **diffusion}
         components = Components(unet.eval(), vae, CLIPTextEncoder(text_model.eval(), tokenizer),
                                 scheduler_config, {"path": str(folder), "format": "diffusers"})
         save_diffusers_folder(components, folder)
