@@ -47,40 +47,6 @@ def demo(output: Path, steps: int, seed: int) -> Path:
     return path
 
 
-def shape_eval(model: str, steps: int, guidance: float, images_per_prompt: int, limit: int | None,
-               output: Path | None, progress: bool = True):
-    """ShapeEval of a model on the shapes world: the report (also written, with details, to `output`)."""
-    from ldm.evaluation import evaluate, shape_eval_prompts
-
-    pipe = LatentDiffusionPipeline.from_pretrained(model)
-    pipe.progress_bar = False
-
-    def generate(texts, seeds):
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
-
-    report = evaluate(generate, shape_eval_prompts(limit_per_category=limit), images_per_prompt, progress=progress)
-    return _written(report, output)
-
-
-def edit_eval(model: str, steps: int, guidance: float, image_guidance: float, images_per_case: int,
-              per_kind: int, output: Path | None, progress: bool = True):
-    """Success and preservation of an instruction-editing model on unseen shapes scenes (ldm/edit_evaluation.py)."""
-    from ldm.edit_evaluation import edit_eval_cases, evaluate_edits
-    from ldm.editing import InstructPix2PixPipeline
-
-    pipe = InstructPix2PixPipeline.from_pretrained(model)
-    pipe.progress_bar = False
-
-    def edit(images, instructions, seeds):
-        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return pipe(list(instructions), image=list(images), num_inference_steps=steps, guidance_scale=guidance,
-                    image_guidance_scale=image_guidance, generator=generators).images
-
-    report = evaluate_edits(edit, edit_eval_cases(per_kind=per_kind), images_per_case, progress=progress)
-    return _written(report, output)
-
-
 def _written(report, output: Path | None):
     """The report, after writing its details as JSON to `output` when one is given."""
     if output is not None:
@@ -179,12 +145,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> None:
     if args.command == "eval" and args.task == "edit":
+        from ldm.edit_evaluation import evaluate_edit_model
+
         model = "shapes-edit" if args.model == "shapes" else args.model
-        print(edit_eval(model, args.steps, args.guidance, args.image_guidance, args.images_per_prompt,
-                        args.limit or 16, args.output).table())
+        report = evaluate_edit_model(model, args.steps, args.guidance, args.image_guidance, args.images_per_prompt,
+                                     args.limit or 16)
+        print(_written(report, args.output).table())
     elif args.command == "eval":
-        print(shape_eval(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit,
-                         args.output).table())
+        from ldm.evaluation import evaluate_model
+
+        report = evaluate_model(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit)
+        print(_written(report, args.output).table())
     elif args.command == "edit":
         for path in edit(args.image, args.text, args):
             print(path.resolve())

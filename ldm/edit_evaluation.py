@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
@@ -215,3 +216,39 @@ def evaluate_edits(edit_fn: EditFn, cases: Sequence[EditCase], images_per_case: 
             report.records += [EditRecord(case, s, score_edit(case, image)) for (case, s), image in zip(batch, images)]
             bar.update(len(batch))
     return report
+
+
+def evaluate_edit_model(model: str, steps: int = 20, guidance: float = 7.5, image_guidance: float = 1.5,
+                        images_per_case: int = 1, per_kind: int = 16, progress: bool = True) -> EditReport:
+    """The edit evaluation of an instruction-editing model: an embedded model's name or a diffusers folder."""
+    import torch
+
+    from ldm.editing import InstructPix2PixPipeline  # here: scoring alone needs no model code
+
+    pipe = InstructPix2PixPipeline.from_pretrained(model)
+    pipe.progress_bar = False
+
+    def edit(images, instructions, seeds):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return pipe(list(instructions), image=list(images), num_inference_steps=steps, guidance_scale=guidance,
+                    image_guidance_scale=image_guidance, generator=generators).images
+
+    return evaluate_edits(edit, edit_eval_cases(per_kind=per_kind), images_per_case, progress=progress)
+
+
+@dataclass(frozen=True)
+class EditEvalProbe:
+    """A quick edit evaluation that tracks a training run (config `evaluation: {target:
+    ldm.edit_evaluation.EditEvalProbe, params: {per_kind: 4}}`): overall success and preservation, and success
+    per category, on fixed cases and seeds."""
+    per_kind: int = 4
+    images_per_case: int = 1
+    steps: int = 20
+    guidance: float = 7.5
+    image_guidance: float = 1.5
+
+    def __call__(self, model: Path) -> dict[str, float | None]:
+        report = evaluate_edit_model(str(model), self.steps, self.guidance, self.image_guidance,
+                                     self.images_per_case, self.per_kind, progress=False)
+        return {**{metric: report.overall(metric) for metric in METRICS},
+                **{f"success/{category}": report.rate("success", category) for category in CATEGORIES}}

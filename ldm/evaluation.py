@@ -17,6 +17,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -448,3 +449,37 @@ def evaluate(generate: Generate, prompts: Sequence[EvalPrompt], images_per_promp
                 report.records.append(EvalRecord(prompt, image_seed, detection, score(prompt, detection)))
             bar.update(len(batch))
     return report
+
+
+def evaluate_model(model: str, steps: int = 20, guidance: float = 5.0, images_per_prompt: int = 4,
+                   limit: int | None = None, progress: bool = True) -> EvalReport:
+    """ShapeEval of a text-to-image model: an embedded model's name, a diffusers folder or a checkpoint file.
+    `limit` takes that many prompts per category and split, for a quick reading."""
+    import torch
+
+    from ldm.pipeline import LatentDiffusionPipeline  # here: scoring alone needs no model code
+
+    pipe = LatentDiffusionPipeline.from_pretrained(model)
+    pipe.progress_bar = False
+
+    def generate(texts, seeds):
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        return pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+
+    return evaluate(generate, shape_eval_prompts(limit_per_category=limit), images_per_prompt, progress=progress)
+
+
+@dataclass(frozen=True)
+class ShapeEvalProbe:
+    """A quick ShapeEval that tracks a training run: the trainer scores each evaluated export with it (config
+    `evaluation: {target: ldm.evaluation.ShapeEvalProbe, params: {limit: 4}}`). Fixed prompts and seeds, so
+    readings at different steps differ by what the model learned, not by what was asked."""
+    limit: int = 4
+    images_per_prompt: int = 1
+    steps: int = 20
+    guidance: float = 5.0
+
+    def __call__(self, model: Path) -> dict[str, float | None]:
+        report = evaluate_model(str(model), self.steps, self.guidance, self.images_per_prompt, self.limit,
+                                progress=False)
+        return {"overall": report.overall(), **{category: report.accuracy(category) for category in CATEGORIES}}

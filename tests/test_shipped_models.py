@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from ldm.cli import edit_eval, shape_eval
+from ldm.edit_evaluation import evaluate_edit_model
+from ldm.evaluation import evaluate_model
 
 # Measured on the shipped weights (README): ShapeEval seen 0.44, background 0.59 over all prompts; edit success 0.25
 # on this subset at the pipeline's default scales.
@@ -17,7 +18,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarnin
 
 
 def test_shapes_keeps_its_shapeeval_scores():
-    report = shape_eval("shapes", steps=20, guidance=5.0, images_per_prompt=2, limit=4, output=None, progress=False)
+    report = evaluate_model("shapes", steps=20, guidance=5.0, images_per_prompt=2, limit=4, progress=False)
     assert report.overall(split="seen") >= SHAPES_SEEN_FLOOR
     assert report.accuracy("background") >= BACKGROUND_FLOOR
     # Japanese prompts are followed like English ones
@@ -25,8 +26,8 @@ def test_shapes_keeps_its_shapeeval_scores():
 
 
 def test_shapes_edit_keeps_its_edit_scores():
-    report = edit_eval("shapes-edit", steps=20, guidance=EDIT_GUIDANCE, image_guidance=EDIT_IMAGE_GUIDANCE,
-                       images_per_case=1, per_kind=4, output=None, progress=False)
+    report = evaluate_edit_model("shapes-edit", steps=20, guidance=EDIT_GUIDANCE, image_guidance=EDIT_IMAGE_GUIDANCE,
+                                 images_per_case=1, per_kind=4, progress=False)
     assert report.overall("success") >= EDIT_SUCCESS_FLOOR
     assert report.rate("success", "background") >= EDIT_BACKGROUND_FLOOR
     assert abs(report.overall("success", "ja") - report.overall("success", "en")) <= 0.15

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -14,6 +15,9 @@ import torch
 import yaml
 
 from ldm.data.shapes import ShapesDataset
+from ldm.data.edits import CATEGORIES as EDIT_CATEGORIES
+from ldm.edit_evaluation import evaluate_edit_model
+from ldm.evaluation import CATEGORIES
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
@@ -182,6 +186,43 @@ def test_resumed_run_continues_exactly(tmp_path, trained_autoencoder):
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
 
 
+def test_evaluation_tracks_the_run_without_changing_it(tmp_path, trained_autoencoder):
+    """`evaluation:` scores every eval_every-th export into log.jsonl; the scores are ShapeEval's own, and the
+    weights are those of the same run without evaluation."""
+    from ldm.evaluation import evaluate_model
+
+    base = _tiny_text_to_image(trained_autoencoder)
+    base["train"] = {**base["train"], "steps": 4, "checkpoint_every": 1, "eval_every": 2}
+    probe = {"limit": 1, "images_per_prompt": 1, "steps": 2, "guidance": 3.0}
+    tracked = train(_write({**base, "output": str(tmp_path / "tracked"),
+                            "evaluation": {"target": "ldm.evaluation.ShapeEvalProbe", "params": probe}},
+                           tmp_path, "tracked.yaml"))
+    plain = train(_write({**base, "output": str(tmp_path / "plain"), "train": {**base["train"], "eval_every": None}},
+                         tmp_path, "plain.yaml"))
+    records = [json.loads(line) for line in (tmp_path / "tracked" / "log.jsonl").read_text().splitlines()]
+    evaluations = [record for record in records if "eval" in record]
+    assert [record["step"] for record in evaluations] == [2, 4]
+    report = evaluate_model(str(tracked), steps=2, guidance=3.0, images_per_prompt=1, limit=1, progress=False)
+    assert evaluations[-1]["eval"] == {"overall": report.overall(),
+                                       **{category: report.accuracy(category) for category in CATEGORIES}}
+    first, second = _weights(tracked), _weights(plain)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("eval_every, evaluation, message", [
+    (3, True, "multiple of train.checkpoint_every"),
+    (2, False, "no `evaluation:` section"),
+])
+def test_evaluation_settings_are_checked(tmp_path, trained_autoencoder, eval_every, evaluation, message):
+    config = _tiny_text_to_image(trained_autoencoder)
+    config["train"] = {**config["train"], "checkpoint_every": 2, "eval_every": eval_every}
+    if evaluation:
+        config["evaluation"] = {"target": "ldm.evaluation.ShapeEvalProbe"}
+    with pytest.raises(ValueError, match=message):
+        train(_write({**config, "output": str(tmp_path / "run")}, tmp_path))
+
+
 def test_exported_model_matches_diffusers(tmp_path, trained_autoencoder):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -248,7 +289,14 @@ def test_edit_stage_starts_from_a_text_to_image_model_and_exports_an_instruct_pi
               "diffusion": {"prediction_type": "v_prediction", "beta_schedule": "squaredcos_cap_v2"},
               "train": {"steps": 1, "batch_size": 4, "lr": 1e-12, "warmup_steps": 1, "precision": "fp32",
                         "checkpoint_every": 1, "log_every": 1, "seed": 0}}
-    model = train(_write(config, tmp_path, "edit.yaml"))
+    probe = {"per_kind": 1, "steps": 2}
+    model = train(_write({**config, "evaluation": {"target": "ldm.edit_evaluation.EditEvalProbe", "params": probe}},
+                         tmp_path, "edit.yaml"))
+    (logged,) = [json.loads(line)["eval"] for line in (tmp_path / "edit" / "log.jsonl").read_text().splitlines()
+                 if "eval" in line]
+    report = evaluate_edit_model(str(model), steps=2, per_kind=1, progress=False)
+    assert logged == {"success": report.overall("success"), "preservation": report.overall("preservation"),
+                      **{f"success/{kind}": report.rate("success", kind) for kind in EDIT_CATEGORIES}}
     index = yaml.safe_load((model / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
     theirs = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, safety_checker=None)

@@ -42,6 +42,8 @@ class TrainSettings:
     precision: str = "bf16"            # autocast dtype: bf16 (CPU and GPU), fp16 (GPU, with loss scaling), fp32
     ema_decay: float | None = None     # e.g. 0.999; exported weights are the EMA when set
     checkpoint_every: int = 500
+    eval_every: int | None = None      # steps between scorings of the export (a multiple of checkpoint_every);
+    #                                    None: at every checkpoint, when the config has an `evaluation:` section
     log_every: int = 25
     seed: int = 0
     device: str = "cpu"
@@ -52,6 +54,9 @@ class TrainSettings:
         for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.eval_every is not None and (self.eval_every < 1 or self.eval_every % self.checkpoint_every):
+            raise ValueError(f"train.eval_every={self.eval_every} must be a positive multiple of "
+                             f"train.checkpoint_every={self.checkpoint_every}: it scores the export a checkpoint writes")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
 
@@ -107,6 +112,7 @@ def init_distributed(device: str) -> World:
 
 BatchFn = Callable[[torch.Tensor, torch.Generator], tuple]   # (item indices, generator) -> objective inputs
 ExportFn = Callable[[Path], None]                            # writes the current (EMA) model to a folder
+EvaluateFn = Callable[[Path], dict]                          # an exported model's folder -> named scores
 
 
 class Trainer:
@@ -136,7 +142,10 @@ class Trainer:
         return self.output / "checkpoint.pt"
 
     # -------------------------------------------------------------------------------------------- the loop
-    def run(self) -> None:
+    def run(self, evaluate: EvaluateFn | None = None) -> None:
+        """Train to settings.steps; with `evaluate`, score the export at every eval_every-th checkpoint (log.jsonl)."""
+        if evaluate is None and self.settings.eval_every is not None:
+            raise ValueError("train.eval_every is set but the config has no `evaluation:` section to score with")
         self.resume()
         settings = self.settings
         progress = tqdm(total=settings.steps, initial=self.step, desc="train", disable=not self.world.is_main,
@@ -155,6 +164,9 @@ class Trainer:
                 losses = []
             if self.step % settings.checkpoint_every == 0 or self.step == settings.steps:
                 self.save_checkpoint()
+                every = settings.eval_every or settings.checkpoint_every
+                if evaluate is not None and (self.step % every == 0 or self.step == settings.steps):
+                    self.log_evaluation(evaluate)
         progress.close()
 
     def lr_at(self, step: int) -> float:
@@ -211,6 +223,17 @@ class Trainer:
                  "ema": self.ema.shadow if self.ema else None, "settings": asdict(self.settings)}
         write_atomically(self.checkpoint_path, lambda temporary: torch.save(state, temporary))
         self.export_model(self.output / "model")
+
+    def log_evaluation(self, evaluate: EvaluateFn) -> None:
+        """Score the export just written, log the scores and show them under the progress bar. Evaluation draws
+        from its own generators, so a run with it trains exactly as a run without."""
+        if not self.world.is_main:
+            return
+        started = time.perf_counter()
+        scores = evaluate(self.output / "model")
+        self.log({"step": self.step, "eval": scores, "eval_seconds": round(time.perf_counter() - started, 1)})
+        shown = ", ".join(f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in scores.items())
+        tqdm.write(f"step {self.step}: {shown}")
 
     def export_model(self, folder: Path) -> None:
         """Export with EMA weights swapped in (the live weights are restored afterwards)."""

@@ -80,7 +80,7 @@ def train(config_path: str | Path, overrides: list[str] = ()) -> Path:
     stage = {"autoencoder": autoencoder_stage, "text_to_image": text_to_image_stage,
              "instruct_edit": instruct_edit_stage}[config.task]
     trainer = stage(config, settings, output)
-    trainer.run()
+    trainer.run(evaluate=instantiate(config.evaluation, "evaluation") if config.get("evaluation") else None)
     return output / "model"
 
 
