@@ -14,10 +14,10 @@ import pytest
 import torch
 import yaml
 
-from ldm.data.shapes import ShapesDataset
 from ldm.data.edits import CATEGORIES as EDIT_CATEGORIES
+from ldm.data.shapes import ShapesDataset
 from ldm.edit_evaluation import evaluate_edit_model
-from ldm.evaluation import CATEGORIES
+from ldm.evaluation import CATEGORIES, evaluate_model
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
@@ -189,8 +189,6 @@ def test_resumed_run_continues_exactly(tmp_path, trained_autoencoder):
 def test_evaluation_tracks_the_run_without_changing_it(tmp_path, trained_autoencoder):
     """`evaluation:` scores every eval_every-th export into log.jsonl; the scores are ShapeEval's own, and the
     weights are those of the same run without evaluation."""
-    from ldm.evaluation import evaluate_model
-
     base = _tiny_text_to_image(trained_autoencoder)
     base["train"] = {**base["train"], "steps": 4, "checkpoint_every": 1, "eval_every": 2}
     probe = {"limit": 1, "images_per_prompt": 1, "steps": 2, "guidance": 3.0}
