@@ -144,6 +144,33 @@ def test_the_edit_example_equals_direct_calls(tiny_editing_folder, tmp_path):
                                 f"{job.items[2].request['image_sha256']}-mask-{job.items[2].request['mask_sha256']}")
 
 
+def test_a_relative_input_starts_at_the_file_that_names_it(tiny_editing_folder, inputs, tmp_path_factory,
+                                                            monkeypatch):
+    lists = inputs / "lists"
+    lists.mkdir()
+    picture(2).save(lists / "image.png")  # the same name as the config's own image.png, other content
+    (lists / "items.jsonl").write_text(json.dumps({"prompt": "b", "image": "image.png"}) + "\n", encoding="utf-8")
+    shell = tmp_path_factory.mktemp("shell")
+    picture(3).save(shell / "image.png")
+    monkeypatch.chdir(shell)  # neither the config's folder nor the prompt file's
+    config = write_config(inputs, model=str(tiny_editing_folder("img2img")[0]), image="image.png", strength=0.5,
+                          prompts="lists/items.jsonl", seeds=[0])
+
+    def images(*overrides):
+        return [(item.request["image"], item.request["mask"]) for item in load_job(config, list(overrides)).items]
+
+    assert images() == [(str(lists / "image.png"), None)]  # the line's path: from the prompt file's folder
+    inline = 'prompts=[a, {prompt: b, mask: mask.png}]'
+    Image.open(inputs / "mask.png").save(shell / "mask.png")
+    assert images(inline) == [(str(inputs / "image.png"), None),  # the config's image, its mask from the shell
+                              (str(inputs / "image.png"), str(shell / "mask.png"))]
+    write_config(inputs, model=str(tiny_editing_folder("img2img")[0]), image="image.png", strength=0.5, seeds=[0],
+                 prompts=["a", {"prompt": "b", "mask": "mask.png"}])
+    assert images() == [(str(inputs / "image.png"), None), (str(inputs / "image.png"), str(inputs / "mask.png"))]
+    assert images("image=image.png") == [(str(shell / "image.png"), None),
+                                         (str(shell / "image.png"), str(inputs / "mask.png"))]
+
+
 # ------------------------------------------------------------------------------------------ resume and change
 
 def test_a_resumed_job_makes_only_the_missing_images(tiny_editing_folder, inputs):
@@ -224,7 +251,8 @@ def test_info_prints_the_edit_and_from_png_remakes_it_while_the_inputs_are_there
 # ------------------------------------------------------------------------------------------ bad input
 
 BAD_INPUTS = [
-    ("img2img", dict(image="missing.png"), ["job.yaml: image='missing.png': no such file", "config file's folder"]),
+    ("img2img", dict(image="missing.png"), ["job.yaml: image='missing.png': no such file",
+                                            "starts at the folder of the file that names it"]),
     ("img2img", dict(image="notes.png"), ["image='notes.png' is not an image PIL can read"]),
     ("img2img", dict(prompts=[{"prompt": "a", "image": "missing.png"}]), ["prompts[0]: image='missing.png'"]),
     ("img2img", dict(mask="mask.png"), ["prompts[0]: mask='mask.png' needs an image to edit"]),

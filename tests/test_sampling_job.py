@@ -45,8 +45,9 @@ def pipe(model) -> LatentDiffusionPipeline:
 
 
 @pytest.fixture
-def in_repo(monkeypatch):
-    monkeypatch.chdir(REPO)  # the example configs name their prompt files relative to the repository
+def elsewhere(monkeypatch, tmp_path_factory):
+    """The current folder is not the repository: the example configs name their inputs relative to themselves."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
 
 
 def write_config(folder: Path, **fields) -> Path:
@@ -201,7 +202,7 @@ def test_on_bad_line_record_logs_the_line_as_failed_and_makes_the_rest(tmp_path,
 
 # -------------------------------------------------------------------------------------- the example configs
 
-def test_batch_example_images_equal_direct_calls_and_carry_their_settings(tmp_path, model, pipe, in_repo, capsys):
+def test_batch_example_images_equal_direct_calls_and_carry_their_settings(tmp_path, model, pipe, elsewhere, capsys):
     out = tmp_path / "batch"
     assert main(["sample", str(EXAMPLES / "batch.yaml"), f"model={model}", *TINY, "--output", str(out)]) == 0
     job = load_job(EXAMPLES / "batch.yaml", [f"model={model}", *TINY, f"output={out}"])
@@ -222,7 +223,7 @@ def test_batch_example_images_equal_direct_calls_and_carry_their_settings(tmp_pa
     assert_complete(job, out)
 
 
-def test_sweep_example_makes_every_point_and_one_sheet_per_prompt(tmp_path, model, pipe, in_repo):
+def test_sweep_example_makes_every_point_and_one_sheet_per_prompt(tmp_path, model, pipe, elsewhere):
     overrides = [f"model={model}", "width=16", "height=16", "steps=[1,2]", f"output={tmp_path / 'sweep'}"]
     job = load_job(EXAMPLES / "sweep.yaml", overrides)
     result = run_job(job, pipeline=pipe)
@@ -236,7 +237,7 @@ def test_sweep_example_makes_every_point_and_one_sheet_per_prompt(tmp_path, mode
         assert grid.size == (2 * 128, 4 * (128 + 30))  # steps across, samplers down
 
 
-def test_a_third_axis_gives_one_sheet_per_value(tmp_path, model, pipe, in_repo):
+def test_a_third_axis_gives_one_sheet_per_value(tmp_path, model, pipe, elsewhere):
     overrides = [f"model={model}", "width=16", "height=16", "steps=[1,2]", "guidance=[1,3]",
                  "prompts=[a red circle]", f"output={tmp_path / 'xyz'}"]
     job = load_job(EXAMPLES / "sweep.yaml", overrides)
@@ -245,7 +246,7 @@ def test_a_third_axis_gives_one_sheet_per_value(tmp_path, model, pipe, in_repo):
         "0000-a-red-circle-s42-cfg1.0.png", "0000-a-red-circle-s42-cfg3.0.png"]
 
 
-def test_jsonl_example_applies_each_line(tmp_path, model, pipe, in_repo):
+def test_jsonl_example_applies_each_line(tmp_path, model, pipe, elsewhere):
     job = load_job(EXAMPLES / "jsonl.yaml", [f"model={model}", "width=16", "height=16", "steps=2",
                                              f"output={tmp_path / 'jsonl'}"])
     result = run_job(job, pipeline=pipe)
@@ -260,7 +261,7 @@ def test_jsonl_example_applies_each_line(tmp_path, model, pipe, in_repo):
     assert np.array_equal(pixels(job.output / job.items[6].filename), direct(pipe, request))
 
 
-def test_diffusers_folder_example_batches_calls_without_changing_images(tmp_path, model, pipe, in_repo):
+def test_diffusers_folder_example_batches_calls_without_changing_images(tmp_path, model, pipe, elsewhere):
     job = load_job(EXAMPLES / "diffusers-folder.yaml", [f"model={model}", "device=cpu", "dtype=float32",
                                                         *TINY, f"output={tmp_path / 'sd'}"])
     assert job.config.batch_size == 4

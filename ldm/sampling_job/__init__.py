@@ -20,16 +20,19 @@ strength, image_guidance, mask_blur, keep_unmasked.
   `{"prompt": ..., "negative_prompt": ..., "seeds"/"seed"/"images_per_prompt": ..., "steps": ..., "guidance": ...,
   "guidance_rescale": ..., "width": ..., "height": ..., "sampler": ..., "image": ..., "mask": ..., "strength": ...,
   "image_guidance": ..., "mask_blur": ..., "keep_unmasked": ...}`; an item's own fields win over the config's
-  (it may not set a field the config sweeps). Paths are relative to the current folder. A line that cannot be read
-  (not UTF-8, not JSON, a bad field) stops the job before any work; with `on_bad_line: record` it is recorded as
-  a failed item instead and the rest goes on.
+  (it may not set a field the config sweeps). A line that cannot be read (not UTF-8, not JSON, a bad field)
+  stops the job before any work; with `on_bad_line: record` it is recorded as a failed item instead and the rest
+  goes on.
 - Seeds: `seeds: [...]` lists each image's seed; otherwise image k of a prompt has seed `seed + k`, k <
   images_per_prompt (the pipeline's own rule). An item's seeds/seed/images_per_prompt replace the config's.
 - Editing (see `edits`): an item with an `image` is image-to-image, with `image` and `mask` inpainting, and on an
   instruction model (UNet in_channels 8) instruction editing; the pipelines share the model's weights, samplers,
-  seeds and metadata with text-to-image. Input paths are relative to the config file's folder (prompt files: to
-  the current folder); the files are checked while planning, and each request records their absolute paths and
-  short sha256, so an image made from an input that has changed since is made again.
+  seeds and metadata with text-to-image. The files are checked while planning, and each request records their
+  absolute paths and short sha256, so an image made from an input that has changed since is made again.
+- Paths: a relative input path (prompts, image, mask) starts at the folder of the file that names it: the config's
+  folder for the config's fields and inline items, a prompt file's folder for its lines. So a config moves with
+  its inputs and runs from any folder. A command-line override starts at the current folder, as any path typed
+  in a shell; so do output, model and model_config, which every `ldm` command reads the same way.
 - Sweeps: a sweepable field (sampler.name, sampler.schedule, steps, guidance, guidance_rescale, width, height,
   negative_prompt, strength, image_guidance) given a list is an axis; axes are X, Y, Z in the order the fields
   appear in the config.

@@ -62,7 +62,7 @@ class JobConfig:
     grid: bool = True               # write contact sheets to <output>/grids/
     on_bad_line: str = "stop"       # a bad prompt-file line: stop before any work, or record it as failed and go on
     # Editing (see ldm.sampling_job.edits); None: not given (the pipeline's default where it applies).
-    image: str | None = None        # the input image; relative paths start at the config file's folder
+    image: str | None = None        # the input image (relative: see ldm.sampling_job, "Paths")
     mask: str | None = None         # white = repaint (inpainting); the image's size
     strength: Any = None            # (0, 1]: the share of the steps redone (image-to-image, inpainting; a list sweeps)
     image_guidance: Any = None      # >= 0: pull towards the input image (instruction editing; a list sweeps)
@@ -112,7 +112,7 @@ def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
 
 def _path(value) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError("must be a file path (relative paths start at the config file's folder)")
+        raise ValueError("must be a file path (a relative one starts at the folder of the file that names it)")
     return value
 
 

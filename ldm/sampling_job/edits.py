@@ -59,25 +59,27 @@ class InputFile:
 
 
 class InputReader:
-    """Reads and checks the input files of one job plan; each file once, relative paths from `base`."""
+    """Reads and checks the input files of one job plan, each file once."""
 
-    def __init__(self, base: Path):
-        self.base = base
+    def __init__(self):
         self._read: dict[str, InputFile] = {}
 
-    def __call__(self, value: str, field: str, where: str) -> InputFile:
-        path = os.path.abspath(self.base / value)  # abspath, not resolve: the path as the user laid it out
+    def __call__(self, value: str, folder: Path, field: str, where: str) -> InputFile:
+        """The file `value` names; a relative one starts at `folder`."""
+        path = os.path.abspath(folder / value)  # abspath, not resolve: the path as the user laid it out
         if path not in self._read:
             self._read[path] = self._check(path, value, field, where)
         return self._read[path]
 
-    def _check(self, path: str, value: str, field: str, where: str) -> InputFile:
+    @staticmethod
+    def _check(path: str, value: str, field: str, where: str) -> InputFile:
         try:
             data = Path(path).read_bytes()
         except OSError as error:
             reason = "no such file" if isinstance(error, FileNotFoundError) else f"cannot be read ({error.strerror})"
-            raise ConfigError(f"{where}: {field}={value!r}: {reason} (looked for {path}; relative paths start at "
-                              f"the config file's folder {self.base})") from None
+            raise ConfigError(f"{where}: {field}={value!r}: {reason} (looked for {path}; a relative path starts at "
+                              "the folder of the file that names it, or at the current folder on the command "
+                              "line)") from None
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
@@ -89,9 +91,10 @@ class InputReader:
         return InputFile(path, short_sha256(data), size, has_white)
 
 
-def edit_request(fields: dict[str, Any], read: InputReader, where: str) -> dict[str, Any]:
-    """The edit part of an item's request from its effective edit fields ({} for text-to-image); a ConfigError for
-    a setting without what it needs, or a bad input file."""
+def edit_request(fields: dict[str, Any], folders: dict[str, Path], read: InputReader, where: str) -> dict[str, Any]:
+    """The edit part of an item's request from its effective edit fields ({} for text-to-image), the image and
+    mask read from `folders[field]` when relative; a ConfigError for a setting without what it needs, or a bad
+    input file."""
     if fields["image"] is None:
         given = [name for name in SETTINGS_NEEDING_AN_IMAGE if fields[name] is not None]
         if given:
@@ -103,10 +106,10 @@ def edit_request(fields: dict[str, Any], read: InputReader, where: str) -> dict[
         if given:
             raise ConfigError(f"{where}: {given[0]}={fields[given[0]]!r} applies to inpainting only; give a mask "
                               f"(white = repaint), or remove {given[0]}")
-    image = read(fields["image"], "image", where)
+    image = read(fields["image"], folders["image"], "image", where)
     request = {"image": image.path, "image_sha256": image.sha256, "mask": None, "mask_sha256": None}
     if fields["mask"] is not None:
-        mask = read(fields["mask"], "mask", where)
+        mask = read(fields["mask"], folders["mask"], "mask", where)
         _check_mask(mask, image, fields, where)
         request.update(mask=mask.path, mask_sha256=mask.sha256)
     return {**request, **{name: fields[name] for name in EDIT_FIELDS if name not in request}}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ class PromptItem:
     number: int              # position among the job's prompt items (blank lines do not count)
     source: str              # where it was written: "prompts[2]" or "prompts.jsonl:4"
     fields: dict             # "prompt" and the item's own settings, checked; sampler as sampler.name/schedule
+    folder: Path = Path()    # where its relative image/mask paths start: the folder of the file it is written in
     error: str | None = None  # on_bad_line=record: why the line could not be used
 
 
@@ -59,40 +61,53 @@ def load_job(path: str | Path | None, overrides: list[str] = ()) -> Job:
     """Validate the config, its prompt file and its input images, and expand them into work items; raises
     ConfigError."""
     config, axes = load_config(path, overrides)
-    return Job(config, axes, tuple(expand(config, axes, path)))
+    return Job(config, axes, tuple(expand(config, axes, path, overrides)))
+
+
+def folder_of_field(config_path: str | Path | None, overrides: list[str] = ()):
+    """`folder(name)`: where a relative path in field `name` starts. A path is read from the folder of the file
+    that names it, so a config and its inputs move together; a command-line override names it from the current
+    folder, as any path typed in a shell."""
+    overridden = {override.partition("=")[0].partition(".")[0] for override in overrides}
+    config_folder = Path(config_path).parent if config_path is not None else Path.cwd()
+    return lambda name: Path.cwd() if name in overridden else config_folder
 
 
 # ------------------------------------------------------------------------------------------------ prompt items
 
-def read_prompt_items(prompts, on_bad_line: str = "stop") -> list[PromptItem]:
-    """Inline items, or the non-blank lines of a .txt (one prompt each) or .jsonl file ({"prompt": ..., ...})."""
+def read_prompt_items(prompts, on_bad_line: str = "stop", folder: Path = Path()) -> list[PromptItem]:
+    """Inline items, or the non-blank lines of a .txt (one prompt each) or .jsonl file ({"prompt": ..., ...}).
+    `folder`: where `prompts` is written (a relative prompt file starts there; so do inline items' paths)."""
     if isinstance(prompts, list):
         entries, recordable = [(f"prompts[{i}]", "inline", entry) for i, entry in enumerate(prompts)], False
     elif isinstance(prompts, str):
-        entries, recordable = _file_entries(Path(prompts)), on_bad_line == "record"
+        path = Path(os.path.abspath(folder / prompts))
+        entries, recordable, folder = _file_entries(Path(prompts), path), on_bad_line == "record", path.parent
     else:
         raise ConfigError(f"prompts={prompts!r} must be a list of prompts or the path of a .txt or .jsonl file")
     items = []
     for number, (source, kind, raw) in enumerate(entries):
         try:
-            items.append(PromptItem(number, source, _item_fields(_parse(kind, raw, source), source)))
+            items.append(PromptItem(number, source, _item_fields(_parse(kind, raw, source), source), folder))
         except ConfigError as error:
             if not recordable:  # the config itself is wrong, or the policy says stop before any work
                 raise
-            items.append(PromptItem(number, source, {}, str(error)))
+            items.append(PromptItem(number, source, {}, folder, str(error)))
     if not items:
         raise ConfigError(f"prompts={prompts!r} holds no prompt")
     return items
 
 
-def _file_entries(path: Path) -> list[tuple[str, str, bytes]]:
+def _file_entries(given: Path, path: Path) -> list[tuple[str, str, bytes]]:
+    """The lines of prompt file `path`, named in sources by the path as `given`."""
     if path.suffix not in PROMPT_FILE_KINDS:
-        raise ConfigError(f"prompts={str(path)!r}: a prompt file ends in {' or '.join(PROMPT_FILE_KINDS)} "
+        raise ConfigError(f"prompts={str(given)!r}: a prompt file ends in {' or '.join(PROMPT_FILE_KINDS)} "
                           "(one prompt per line, or one JSON object per line)")
     if not path.is_file():
-        raise ConfigError(f"prompts={str(path)!r}: no such file (paths are relative to the current folder)")
+        raise ConfigError(f"prompts={str(given)!r}: no such file (looked for {path}; a relative path starts at "
+                          "the folder of the config that names it, or at the current folder on the command line)")
     lines = path.read_bytes().split(b"\n")  # bytes: a line that is not UTF-8 is reported by its number
-    return [(f"{path}:{number}", path.suffix[1:], line.rstrip(b"\r"))
+    return [(f"{given}:{number}", path.suffix[1:], line.rstrip(b"\r"))
             for number, line in enumerate(lines, start=1) if line.strip()]
 
 
@@ -145,15 +160,17 @@ def _item_sampler(value, source: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ expansion
 
-def expand(config: JobConfig, axes: tuple[Axis, ...], config_path: str | Path | None = None) -> list[WorkItem]:
-    """The work items; input image paths are relative to the folder of `config_path` (None: the current one)."""
+def expand(config: JobConfig, axes: tuple[Axis, ...], config_path: str | Path | None = None,
+           overrides: list[str] = ()) -> list[WorkItem]:
+    """The work items of `config`, read from `config_path` with `overrides` (see `folder_of_field`)."""
     base = {name: get_field(vars(config), name) for name in SWEEP_LABELS}
-    read = InputReader(Path(config_path).parent if config_path is not None else Path.cwd())
+    folder = folder_of_field(config_path, overrides)
+    read = InputReader()
     for name in ("image", "mask"):  # the config's own files, named as the config's
         if getattr(config, name) is not None:
-            read(getattr(config, name), name, str(config_path or "config"))
+            read(getattr(config, name), folder(name), name, str(config_path or "config"))
     items = []
-    for prompt_item in read_prompt_items(config.prompts, config.on_bad_line):
+    for prompt_item in read_prompt_items(config.prompts, config.on_bad_line, folder("prompts")):
         if prompt_item.error:
             items.append(WorkItem(prompt_item.source, prompt_item.number, prompt_item.source,
                                   error=prompt_item.error))
@@ -164,7 +181,9 @@ def expand(config: JobConfig, axes: tuple[Axis, ...], config_path: str | Path | 
             at_point = {**settings, **{axis.field: value for axis, value in zip(axes, point)}}
             edit_fields = {name: at_point.get(name, prompt_item.fields.get(name, getattr(config, name)))
                            for name in EDIT_FIELDS}
-            edit = edit_request(edit_fields, read, prompt_item.source)
+            folders = {name: prompt_item.folder if name in prompt_item.fields else folder(name)
+                       for name in ("image", "mask")}
+            edit = edit_request(edit_fields, folders, read, prompt_item.source)
             for seed in _seeds(config, prompt_item.fields):
                 request = {**_request(config, prompt_item, at_point, seed), **edit}
                 key = _file_stem(config.filename, prompt_item, seed, axes, point, edit)
