@@ -18,7 +18,8 @@ from ldm.data.edits import CATEGORIES as EDIT_CATEGORIES
 from ldm.data.shapes import ShapesDataset
 from ldm.edit_evaluation import evaluate_edit_model
 from ldm.evaluation import CATEGORIES, evaluate_model
-from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer
+from ldm.loading import load_components
+from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
 from ldm.training.objectives import TextToImageObjective
@@ -93,6 +94,20 @@ def test_compact_vocabulary_tokenizes_training_texts_like_full_clip():
     # unseen words still tokenize, into byte-level pieces the compact vocabulary holds
     ids = compact("an unseen zebra", add_special_tokens=True)["input_ids"]
     assert max(ids) == compact.eos_token_id == len(compact) - 1 and ids[0] == compact.bos_token_id
+
+
+def test_whole_characters_make_each_japanese_character_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    texts = ["青い四角の左に赤い丸", "黄色い三角が二つ", "a red circle to the left of a blue square"]
+    compact, full = compact_clip_tokenizer(texts, whole_characters=True), clip_tokenizer()
+    assert len(full.tokenize(texts[0])) == 21  # CLIP's BPE: UTF-8 byte pieces, 丸 alone is two
+    assert compact.tokenize(texts[0]) == list(texts[0])
+    assert compact.tokenize(texts[2]) == full.tokenize(texts[2])  # ASCII as before
+    compact.save_pretrained(tmp_path)
+    ids = compact(texts)["input_ids"]
+    assert CLIPTokenizer.from_pretrained(tmp_path)(texts)["input_ids"] == ids  # as diffusers loads it
+    assert load_tokenizer(tmp_path)(texts)["input_ids"] == ids
 
 
 def test_a_new_vocabulary_keeps_the_outputs_of_shared_tokens():
@@ -256,6 +271,22 @@ def test_training_continues_from_an_exported_model(tmp_path, trained_autoencoder
     before, after = _weights(first), _weights(second)
     for key in before:
         torch.testing.assert_close(after[key], before[key], atol=1e-6, rtol=0, msg=key)  # lr ~0: weights unchanged
+
+
+def test_a_continued_model_can_change_its_vocabulary(tmp_path, trained_autoencoder):
+    """`whole_characters` on a model trained without it: Japanese characters get rows of their own, and what the
+    text encoder says of English captions (tokens both vocabularies share) stays as it was."""
+    first = train(_write({**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "first")},
+                         tmp_path, "first.yaml"))
+    config = {**_tiny_text_to_image(first), "output": str(tmp_path / "second"), "init": str(first),
+              "whole_characters": True}
+    config["train"] = {**config["train"], "steps": 1, "lr": 1e-12, "ema_decay": None}
+    second = train(_write(config, tmp_path, "second.yaml"))
+    old, new = (load_components(str(model)).text_encoder for model in (first, second))
+    assert new.tokenizer.tokenize("赤い丸") == ["赤", "い", "丸"] != old.tokenizer.tokenize("赤い丸")
+    english = ["a red circle to the left of a blue square", "two green triangles on a gray background"]
+    with torch.no_grad():
+        torch.testing.assert_close(new.encode(english).tokens, old.encode(english).tokens, atol=1e-5, rtol=0)
 
 
 def test_two_processes_equal_one_process_with_accumulation(tmp_path, trained_autoencoder):

@@ -28,6 +28,7 @@ from open_clip.tokenizer import SimpleTokenizer, bytes_to_unicode, default_bpe
 from open_clip.transformer import QuickGELU, TextTransformer
 from torch import nn
 from transformers import (
+    AddedToken,
     AutoTokenizer,
     CLIPTextConfig,
     CLIPTextModel,
@@ -437,17 +438,24 @@ def clip_tokenizer(max_length: int = 77, pad_token: str = _CLIP_EOS) -> CLIPToke
     )
 
 
-def compact_clip_tokenizer(texts: Sequence[str], max_length: int = 77) -> CLIPTokenizer:
+def compact_clip_tokenizer(texts: Sequence[str], max_length: int = 77, whole_characters: bool = False) -> CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary keeps only what `texts` need: the 512 byte symbols, the merges that build
     their tokens, and the two special tokens (ids in CLIP's order, specials last).
 
     The given texts tokenize exactly as with the full 49,408-token vocabulary (BPE applies the lowest-ranked merge
     present, and every merge those texts use is kept in its relative order); other words fall back to smaller
     pieces. A model trained on a closed world then needs a token table of hundreds of rows, not 49,408.
+
+    `whole_characters`: every non-ASCII character of `texts` becomes one token of its own (ids after the specials).
+    CLIP's BPE cuts most CJK characters into UTF-8 byte pieces ("青い四角の左に赤い丸" is 21 tokens, 丸 two of
+    them, 青 and 角 sharing a piece), so a small text encoder must first learn to spell; as characters it is 10
+    tokens, each a unit. ASCII text tokenizes as before.
     """
     vocab, merges = _openai_clip_vocabulary()
     full = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=max_length)
-    needed = {token for text in set(texts) for token in full.tokenize(text)}
+    characters = sorted({c for text in texts for c in text if not c.isascii()}) if whole_characters else []
+    bpe_texts = {"".join(" " if c in characters else c for c in text) for text in texts}
+    needed = {token for text in bpe_texts for token in full.tokenize(text)}
     kept_merges = []
     for first, second in reversed(merges):  # a token's parts come from lower-ranked merges, visited later
         if first + second in needed:
@@ -456,10 +464,13 @@ def compact_clip_tokenizer(texts: Sequence[str], max_length: int = 77) -> CLIPTo
     byte_symbols = list(bytes_to_unicode().values())
     tokens = byte_symbols + [symbol + "</w>" for symbol in byte_symbols]
     tokens += ["".join(pair) for pair in reversed(kept_merges)] + [_CLIP_BOS, _CLIP_EOS]
-    return CLIPTokenizer(
+    tokenizer = CLIPTokenizer(
         vocab={token: index for index, token in enumerate(tokens)}, merges=kept_merges[::-1],
         pad_token=_CLIP_EOS, model_max_length=max_length,
     )
+    # added tokens are matched in the raw text before BPE runs, and saved with the tokenizer
+    tokenizer.add_tokens([AddedToken(c, normalized=False) for c in characters])
+    return tokenizer
 
 
 def open_clip_tokenizer(context_length: int = 77) -> SimpleTokenizer:
