@@ -438,7 +438,8 @@ def clip_tokenizer(max_length: int = 77, pad_token: str = _CLIP_EOS) -> CLIPToke
     )
 
 
-def compact_clip_tokenizer(texts: Sequence[str], max_length: int = 77, whole_characters: bool = False) -> CLIPTokenizer:
+def compact_clip_tokenizer(texts: Sequence[str], max_length: int = 77,
+                           whole_characters: bool = False) -> CLIPTokenizer:
     """A CLIP tokenizer whose vocabulary keeps only what `texts` need: the 512 byte symbols, the merges that build
     their tokens, and the two special tokens (ids in CLIP's order, specials last).
 
