@@ -251,4 +251,6 @@ class EditEvalProbe:
         report = evaluate_edit_model(str(model), self.steps, self.guidance, self.image_guidance,
                                      self.images_per_case, self.per_kind, progress=False)
         return {**{metric: report.overall(metric) for metric in METRICS},
-                **{f"success/{category}": report.rate("success", category) for category in CATEGORIES}}
+                **{f"success/{category}": report.rate("success", category) for category in CATEGORIES},
+                **{f"{metric}/{language}": report.overall(metric, language) for metric in METRICS
+                   for language in LANGUAGES}}

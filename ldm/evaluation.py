@@ -482,4 +482,6 @@ class ShapeEvalProbe:
     def __call__(self, model: Path) -> dict[str, float | None]:
         report = evaluate_model(str(model), self.steps, self.guidance, self.images_per_prompt, self.limit,
                                 progress=False)
-        return {"overall": report.overall(), **{category: report.accuracy(category) for category in CATEGORIES}}
+        return {"overall": report.overall(), **{category: report.accuracy(category) for category in CATEGORIES},
+                **{f"overall/{split}": report.overall(split=split) for split in SPLITS},
+                **{f"overall/{language}": report.overall(language=language) for language in LANGUAGES}}

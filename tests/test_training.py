@@ -217,7 +217,11 @@ def test_evaluation_tracks_the_run_without_changing_it(tmp_path, trained_autoenc
     assert [record["step"] for record in evaluations] == [2, 4]
     report = evaluate_model(str(tracked), steps=2, guidance=3.0, images_per_prompt=1, limit=1, progress=False)
     assert evaluations[-1]["eval"] == {"overall": report.overall(),
-                                       **{category: report.accuracy(category) for category in CATEGORIES}}
+                                       **{category: report.accuracy(category) for category in CATEGORIES},
+                                       "overall/seen": report.overall(split="seen"),
+                                       "overall/held_out": report.overall(split="held_out"),
+                                       "overall/en": report.overall(language="en"),
+                                       "overall/ja": report.overall(language="ja")}
     first, second = _weights(tracked), _weights(plain)
     for key in first:
         torch.testing.assert_close(first[key], second[key], rtol=0, atol=0, msg=key)
@@ -325,7 +329,9 @@ def test_edit_stage_starts_from_a_text_to_image_model_and_exports_an_instruct_pi
                  if "eval" in line]
     report = evaluate_edit_model(str(model), steps=2, per_kind=1, progress=False)
     assert logged == {"success": report.overall("success"), "preservation": report.overall("preservation"),
-                      **{f"success/{kind}": report.rate("success", kind) for kind in EDIT_CATEGORIES}}
+                      **{f"success/{kind}": report.rate("success", kind) for kind in EDIT_CATEGORIES},
+                      **{f"{metric}/{language}": report.overall(metric, language)
+                         for metric in ("success", "preservation") for language in ("en", "ja")}}
     index = yaml.safe_load((model / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionInstructPix2PixPipeline"
     theirs = StableDiffusionInstructPix2PixPipeline.from_pretrained(model, safety_checker=None)
