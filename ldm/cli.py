@@ -28,7 +28,7 @@ DEMO_PROMPTS = [
     ("a red square on a black background", "黒い背景に赤い四角"),
     ("a purple triangle", "紫の三角"),
 ]
-def demo(output: Path, steps: int, seed: int) -> Path:
+def demo(output: Path, steps: int | None, seed: int) -> Path:
     """English prompts in the first row, the same prompts in Japanese in the second, one seed per column."""
     started = time.perf_counter()
     pipe = LatentDiffusionPipeline.from_pretrained()
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     demo_parser = commands.add_parser("demo", help="generate a labelled grid of English and Japanese prompts")
     demo_parser.add_argument("--output", type=Path, default=Path("outputs/demo"))
-    demo_parser.add_argument("--steps", type=int, default=20)
+    demo_parser.add_argument("--steps", type=int, default=None, help="default: the model's recommendation")
     demo_parser.add_argument("--seed", type=int, default=0)
     train_parser = commands.add_parser("train", help="train (or resume) a stage from a YAML config")
     train_parser.add_argument("config", type=Path, help="e.g. configs/train/shapes-autoencoder.yaml")
@@ -118,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     edit_parser.add_argument("--mask", type=Path, default=None, help="white = repaint (inpainting)")
     edit_parser.add_argument("--strength", type=float, default=None, help="img2img: share of steps to redo, (0, 1]")
     edit_parser.add_argument("--model", default=None, help="default: shapes-edit (instructions) or shapes")
-    edit_parser.add_argument("--steps", type=int, default=20)
+    edit_parser.add_argument("--steps", type=int, default=None, help="default: the model's recommendation")
     edit_parser.add_argument("--seed", type=int, default=0)
     edit_parser.add_argument("--images", type=int, default=1, help="images to make")
-    edit_parser.add_argument("--guidance", type=float, default=7.5, help="text guidance scale")
-    edit_parser.add_argument("--image-guidance", type=float, default=1.5, help="instructions: image guidance")
+    edit_parser.add_argument("--guidance", type=float, default=None,
+                             help="text guidance scale (default: the model's recommendation, else 7.5)")
+    edit_parser.add_argument("--image-guidance", type=float, default=None,
+                             help="instructions: image guidance (default: the model's recommendation, else 1.5)")
     edit_parser.add_argument("--mask-blur", type=float, default=0, help="inpainting: feather the mask (pixels)")
     edit_parser.add_argument("--output", type=Path, default=Path("outputs/edit"))
     convert_parser = commands.add_parser("convert", help="rewrite a model as a diffusers folder or a single file")

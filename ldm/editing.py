@@ -312,8 +312,8 @@ class ImageToImagePipeline(_EditingPipeline):
         image: ImageInput | list[ImageInput],
         strength: float = 0.8,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
@@ -325,6 +325,8 @@ class ImageToImagePipeline(_EditingPipeline):
         guidance_rescale: float = 0.0,
     ) -> PipelineOutput:
         # 1. Check inputs and read the image, before any compute.
+        num_inference_steps, guidance_scale = self._with_defaults(num_inference_steps=num_inference_steps,
+                                                                  guidance_scale=guidance_scale)
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type, guidance_rescale)
         _check_strength(strength)
@@ -394,8 +396,8 @@ class InpaintPipeline(_EditingPipeline):
         mask_image: ImageInput | list[ImageInput],
         strength: float = 1.0,
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
@@ -410,6 +412,8 @@ class InpaintPipeline(_EditingPipeline):
         guidance_rescale: float = 0.0,
     ) -> PipelineOutput:
         # 1. Check inputs and read image and mask, before any compute.
+        num_inference_steps, guidance_scale = self._with_defaults(num_inference_steps=num_inference_steps,
+                                                                  guidance_scale=guidance_scale)
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type, guidance_rescale)
         _check_strength(strength)
@@ -521,6 +525,7 @@ class InstructPix2PixPipeline(_EditingPipeline):
 
     default_model = "shapes-edit"  # the embedded instruction model, trained from "shapes" on the world's edits
     scheduler_fixes: dict[str, Any] = {}  # diffusers' InstructPix2Pix pipeline uses the scheduler as saved
+    call_defaults = {"num_inference_steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
 
     @classmethod
     def unet_channels(cls, latent_channels: int) -> tuple[int, ...]:
@@ -532,9 +537,9 @@ class InstructPix2PixPipeline(_EditingPipeline):
         prompt: str | list[str],
         image: ImageInput | list[ImageInput],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 100,
-        guidance_scale: float = 7.5,
-        image_guidance_scale: float = 1.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
@@ -545,6 +550,9 @@ class InstructPix2PixPipeline(_EditingPipeline):
         width: int | None = None,
     ) -> PipelineOutput:
         # 1. Check inputs and read the image, before any compute.
+        num_inference_steps, guidance_scale, image_guidance_scale = self._with_defaults(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale)
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type)
         if isinstance(image_guidance_scale, bool) or not isinstance(image_guidance_scale, (int, float)) \

@@ -30,6 +30,18 @@ from ldm.models.unet import UNet, UNetConfig
 # Single files written by ldm carry their exact config (and tokenizer padding) in the safetensors metadata.
 CONFIG_METADATA_KEY = "ldm.config"
 PAD_TOKEN_METADATA_KEY = "ldm.pad_token"
+SAMPLING_DEFAULTS_METADATA_KEY = "ldm.sampling_defaults"
+
+# A model may recommend call settings, measured by evaluating it (weights.md): a folder in this file, a single file
+# in its metadata. Pipelines use them where the caller passes nothing; diffusers ignores the file.
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+SAMPLING_DEFAULT_CHECKS = {
+    "num_inference_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "guidance_scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"),
+                       "a finite number >= 0"),
+    "image_guidance_scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+                             and 0 <= v < float("inf"), "a finite number >= 0"),
+}
 
 
 @dataclass
@@ -39,6 +51,7 @@ class Components:
     text_encoder: TextEncoder
     scheduler_config: dict[str, Any]  # a diffusers scheduler config (its `_class_name` names the sampler)
     source: dict[str, Any] = field(default_factory=dict)  # where it came from: path, format, sha256 prefix
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)  # the model's recommended call settings
 
 
 # Models that ship inside the package, by name: trained by ldm's own trainer (see weights.md).
@@ -84,7 +97,26 @@ def _from_diffusers_folder(folder: Path, variant: str | None) -> Components:
         text_encoder=_load_text_encoder(folder / "text_encoder", folder / "tokenizer", variant),
         scheduler_config=read_json(folder / "scheduler" / "scheduler_config.json"),
         source={"path": str(folder), "format": "diffusers"},
+        sampling_defaults=_folder_sampling_defaults(folder / SAMPLING_DEFAULTS_FILE),
     )
+
+
+def _folder_sampling_defaults(path: Path) -> dict[str, Any]:
+    return check_sampling_defaults(read_json(path), path) if path.is_file() else {}
+
+
+def check_sampling_defaults(values: Any, path: str | Path) -> dict[str, Any]:
+    """`values` if it is a mapping of known call settings to valid values, else a CheckpointError naming the key."""
+    if not isinstance(values, dict):
+        raise CheckpointError(path, f"sampling defaults must be a JSON object such as {{\"guidance_scale\": 5.0}}, "
+                              f"got {values!r}")
+    for key, value in values.items():
+        if key not in SAMPLING_DEFAULT_CHECKS:
+            raise CheckpointError(path, f"unknown sampling default {key!r}; known: {', '.join(SAMPLING_DEFAULT_CHECKS)}")
+        valid, expected = SAMPLING_DEFAULT_CHECKS[key]
+        if not valid(value):
+            raise CheckpointError(path, f"sampling default {key}={value!r} must be {expected}")
+    return dict(values)
 
 
 def _load_text_encoder(folder: Path, tokenizer_folder: Path, variant: str | None) -> TextEncoder:
@@ -125,7 +157,19 @@ def _from_single_file(path: Path, yaml: str | Path | None) -> Components:
                                                checkpoint.metadata.get(PAD_TOKEN_METADATA_KEY)),
         scheduler_config=_scheduler_config(config),
         source={"path": str(path), "format": "single_file"},
+        sampling_defaults=_metadata_sampling_defaults(checkpoint.metadata, path),
     )
+
+
+def _metadata_sampling_defaults(metadata: dict[str, str], path: Path) -> dict[str, Any]:
+    text = metadata.get(SAMPLING_DEFAULTS_METADATA_KEY)
+    if text is None:
+        return {}
+    try:
+        values = json.loads(text)
+    except (TypeError, json.JSONDecodeError) as error:
+        raise CheckpointError(path, f"metadata {SAMPLING_DEFAULTS_METADATA_KEY!r} is not JSON ({error})") from None
+    return check_sampling_defaults(values, path)
 
 
 def _single_file_text_encoder(spec: compvis.TextEncoderSpec, state: dict, path: Path,
@@ -171,6 +215,8 @@ def save_diffusers_folder(components: Components, folder: str | Path) -> None:
     save_state_dict(encoder.model.state_dict(), folder / "text_encoder" / "model.safetensors")
     encoder.tokenizer.save_pretrained(folder / "tokenizer")
     write_json(components.scheduler_config, folder / "scheduler" / "scheduler_config.json")
+    if components.sampling_defaults:
+        write_json(components.sampling_defaults, folder / SAMPLING_DEFAULTS_FILE)
     text_class = type(encoder.model).__name__
     tokenizer_class = "CLIPTokenizer" if isinstance(encoder, CLIPTextEncoder) else "T5Tokenizer"
     write_json({
@@ -197,6 +243,8 @@ def save_single_file(components: Components, path: str | Path) -> None:
     parts = compvis.CheckpointParts(config, components.unet.state_dict(), components.vae.state_dict(),
                                     encoder.model.state_dict())
     metadata = {}
+    if components.sampling_defaults:
+        metadata[SAMPLING_DEFAULTS_METADATA_KEY] = json.dumps(components.sampling_defaults)
     if isinstance(encoder, CLIPTextEncoder):  # an OpenCLIP tower's config is read back from its shapes instead
         metadata[CONFIG_METADATA_KEY] = json.dumps(dataclasses.asdict(config))
         metadata[PAD_TOKEN_METADATA_KEY] = encoder.tokenizer.pad_token

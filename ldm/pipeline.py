@@ -51,6 +51,8 @@ class LatentDiffusionPipeline:
     # The corrections diffusers' pipeline makes to every scheduler config it is built with (key: forced value):
     # early SD configs lack steps_offset=1, and DDIM-style clip_sample=True (a pixel-space default) ruins latents.
     scheduler_fixes: dict[str, Any] = {"steps_offset": 1, "clip_sample": False}
+    # diffusers' call defaults: what a setting the caller leaves None becomes unless the model recommends a value
+    call_defaults: dict[str, Any] = {"num_inference_steps": 50, "guidance_scale": 7.5}
 
     def __init__(self, components: Components):
         self.unet = components.unet
@@ -59,6 +61,7 @@ class LatentDiffusionPipeline:
         self.decoder = VAEDecoder(self.vae)  # swappable: TiledVAEDecoder for large images, TAESD for speed
         self.scheduler = scheduler_from_config(self._fixed_scheduler_config(components.scheduler_config))
         self.source = components.source
+        self.sampling_defaults = dict(components.sampling_defaults)  # the model's recommendations (weights.md)
         self.progress_bar = True
         self._check_unet_channels()
 
@@ -74,7 +77,8 @@ class LatentDiffusionPipeline:
         return pipe.to(device, dtype) if device or dtype else pipe
 
     def components(self) -> Components:
-        return Components(self.unet, self.vae, self.text_encoder, dict(self.scheduler.config), self.source)
+        return Components(self.unet, self.vae, self.text_encoder, dict(self.scheduler.config), self.source,
+                          dict(self.sampling_defaults))
 
     def save_pretrained(self, path: str | Path, *, format: str = "diffusers") -> None:
         """format="diffusers" writes a folder; format="single_file" one CompVis-layout .safetensors/.ckpt file."""
@@ -120,8 +124,8 @@ class LatentDiffusionPipeline:
         negative_prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
         num_images_per_prompt: int = 1,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
@@ -132,6 +136,8 @@ class LatentDiffusionPipeline:
         guidance_rescale: float = 0.0,
     ) -> PipelineOutput:
         # 1. Check inputs, before any compute.
+        num_inference_steps, guidance_scale = self._with_defaults(num_inference_steps=num_inference_steps,
+                                                                  guidance_scale=guidance_scale)
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type, guidance_rescale)
         batch = len(prompts) * num_images_per_prompt
@@ -160,6 +166,11 @@ class LatentDiffusionPipeline:
         return self._output(latents, output_type, seeds, settings)
 
     # ------------------------------------------------------------------ the steps every pipeline shares
+
+    def _with_defaults(self, **given) -> list:
+        """Each setting as given; where None, the model's recommendation (sampling_defaults), else diffusers'."""
+        return [self.sampling_defaults.get(name, self.call_defaults[name]) if value is None else value
+                for name, value in given.items()]
 
     def _check_call(self, prompt, negative_prompt, steps, guidance_scale, images_per_prompt, output_type,
                     guidance_rescale=0.0) -> tuple[list[str], list[str]]:

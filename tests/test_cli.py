@@ -47,6 +47,27 @@ def test_edit_by_instruction_equals_the_pipeline_call(tiny_editing_folder, pictu
         np.testing.assert_array_equal(ours, np.asarray(theirs))
 
 
+def test_edit_takes_the_models_recommended_settings_unless_told(tiny_editing_folder, picture, tmp_path, capsys):
+    import shutil
+
+    from ldm.metadata import read_settings
+
+    folder = shutil.copytree(tiny_editing_folder("pix2pix")[0], tmp_path / "model")
+    (folder / "sampling_defaults.json").write_text('{"num_inference_steps": 3, "image_guidance_scale": 1.2}')
+    assert main(["edit", str(picture), "make the circle blue", "--model", str(folder), "--seed", "4",
+                 "--output", str(tmp_path / "out")]) == 0
+    path = capsys.readouterr().out.split()[0]
+    settings = read_settings(path)
+    assert (settings["num_inference_steps"], settings["guidance_scale"], settings["image_guidance_scale"]) == (3, 7.5, 1.2)
+    pipe = InstructPix2PixPipeline.from_pretrained(folder)
+    expected = pipe("make the circle blue", image=Image.open(picture), num_inference_steps=3, seed=4,
+                    image_guidance_scale=1.2).images[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(expected))
+    assert main(["edit", str(picture), "make the circle blue", "--model", str(folder), "--image-guidance", "2",
+                 "--output", str(tmp_path / "told")]) == 0
+    assert read_settings(capsys.readouterr().out.split()[0])["image_guidance_scale"] == 2.0
+
+
 def test_edit_with_a_mask_inpaints_and_keeps_the_rest(tiny_editing_folder, picture, mask, tmp_path, capsys):
     folder = str(tiny_editing_folder("inpaint")[0])
     assert main(["edit", str(picture), "a red circle", "--mask", str(mask), "--model", folder, "--steps", "3",

@@ -240,3 +240,46 @@ def test_the_decoder_is_swappable(tiny_pipe):
         untiled = (VAEDecoder(tiny_pipe.vae).decode(latents) / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(tiled, expected)
     assert not torch.allclose(tiled, untiled)  # the tiled path really ran
+
+
+def test_a_models_recommended_settings_fill_what_the_call_leaves_out(tiny_sd_folder, tmp_path):
+    """sampling_defaults.json (or a single file's metadata) sets what a call omits; explicit arguments still win;
+    without one the call takes diffusers' defaults. The settings survive save_pretrained in both formats."""
+    import json
+
+    _, folder, _ = tiny_sd_folder
+    pipe = LatentDiffusionPipeline.from_pretrained(folder)
+    assert pipe.sampling_defaults == {}
+    pipe.progress_bar = False
+    diffusers_defaults = pipe("a red circle", height=16, width=16, seed=0, output_type="latent").settings[0]
+    assert (diffusers_defaults["num_inference_steps"], diffusers_defaults["guidance_scale"]) == (50, 7.5)
+    pipe.sampling_defaults = {"num_inference_steps": 3, "guidance_scale": 2.0}
+    pipe.save_pretrained(tmp_path / "folder")
+    pipe.save_pretrained(tmp_path / "model.safetensors", format="single_file")
+    assert json.loads((tmp_path / "folder" / "sampling_defaults.json").read_text()) == pipe.sampling_defaults
+    call = dict(height=16, width=16, seed=4, output_type="np")
+    explicit = pipe("a red circle", num_inference_steps=3, guidance_scale=2.0, **call)
+    for path in (tmp_path / "folder", tmp_path / "model.safetensors"):
+        reloaded = LatentDiffusionPipeline.from_pretrained(path)
+        reloaded.progress_bar, reloaded.scheduler = False, pipe.scheduler
+        implicit = reloaded("a red circle", **call)
+        assert implicit.settings[0]["num_inference_steps"] == 3 and implicit.settings[0]["guidance_scale"] == 2.0
+        np.testing.assert_allclose(implicit.images, explicit.images, atol=1e-6)
+        assert reloaded("a red circle", guidance_scale=1.0, **call).settings[0]["guidance_scale"] == 1.0
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"guidance": 5}', "unknown sampling default 'guidance'"),
+    ('{"num_inference_steps": 2.5}', "num_inference_steps=2.5 must be an integer"),
+    ('[5]', "must be a JSON object"),
+])
+def test_bad_recommended_settings_are_named(tiny_sd_folder, tmp_path, content, match):
+    import shutil
+
+    from ldm.errors import CheckpointError
+
+    _, folder, _ = tiny_sd_folder
+    copy = shutil.copytree(folder, tmp_path / "model")
+    (copy / "sampling_defaults.json").write_text(content)
+    with pytest.raises(CheckpointError, match=match):
+        LatentDiffusionPipeline.from_pretrained(copy)

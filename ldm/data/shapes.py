@@ -126,11 +126,12 @@ def allowed_pairs(held_out: frozenset = HELD_OUT) -> list[tuple[str, str]]:
     return [(color, shape) for color in COLORS for shape in SHAPES if (color, shape) not in held_out]
 
 
-def sample_scene(rng: np.random.Generator, held_out: frozenset = HELD_OUT) -> Scene:
-    """A random scene; two-object scenes always have a clear spatial relation so their captions can state it."""
+def sample_scene(rng: np.random.Generator, held_out: frozenset = HELD_OUT,
+                 scene_kinds: dict[str, float] = SCENE_KINDS) -> Scene:
+    """A random scene of a kind drawn with the `scene_kinds` weights; two-object scenes always have a clear spatial
+    relation so their captions can state it."""
     pairs = allowed_pairs(held_out)
-    kinds = list(SCENE_KINDS)
-    kind = kinds[rng.choice(len(kinds), p=list(SCENE_KINDS.values()))]
+    kind = _draw_kind(rng, scene_kinds)
     count = {"single": 1, "pair": 2, "pair_same": 2, "triple_same": 3, "triple": 3}[kind]
     same = kind.endswith("_same")
     while True:
@@ -143,6 +144,20 @@ def sample_scene(rng: np.random.Generator, held_out: frozenset = HELD_OUT) -> Sc
         if objects is not None and (count != 2 or relation(*objects) is not None):
             background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
             return Scene(background, tuple(objects))
+
+
+def check_scene_kinds(scene_kinds: dict[str, float]) -> dict[str, float]:
+    weights = list(scene_kinds.values())
+    if set(scene_kinds) - set(SCENE_KINDS) or not all(isinstance(w, (int, float)) and w >= 0 for w in weights) \
+            or sum(weights) <= 0:
+        raise ValueError(f"scene_kinds must map some of {list(SCENE_KINDS)} to non-negative weights, e.g. "
+                         f"{{pair: 0.6, single: 0.4}}; got {dict(scene_kinds)}")
+    return dict(scene_kinds)
+
+
+def _draw_kind(rng: np.random.Generator, scene_kinds: dict[str, float]) -> str:
+    kinds, weights = list(scene_kinds), np.array(list(scene_kinds.values()), dtype=float)
+    return kinds[rng.choice(len(kinds), p=weights / weights.sum())]
 
 
 def place(rng: np.random.Generator, objects: list[ShapeObject], tries: int = 50) -> list[ShapeObject] | None:
@@ -248,15 +263,17 @@ class ShapesDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, length: int = 100_000, size: int = CANVAS, seed: int = 0,
-                 languages: tuple[str, ...] = ("en", "ja"), held_out: frozenset = HELD_OUT):
+                 languages: tuple[str, ...] = ("en", "ja"), held_out: frozenset = HELD_OUT,
+                 scene_kinds: dict[str, float] = SCENE_KINDS):
         self.length, self.size, self.seed = length, size, seed
         self.languages, self.held_out = tuple(languages), frozenset(map(tuple, held_out))
+        self.scene_kinds = check_scene_kinds(scene_kinds)
 
     def __len__(self) -> int:
         return self.length
 
     def scene(self, index: int) -> Scene:
-        return sample_scene(np.random.default_rng([self.seed, index]), self.held_out)
+        return sample_scene(np.random.default_rng([self.seed, index]), self.held_out, self.scene_kinds)
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
