@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from ldm.call_settings import check_setting
 from ldm.guidance import Conditioned, InstructPix2PixGuidance, WithConcatenatedLatents
 from ldm.pipeline import LatentDiffusionPipeline, PipelineOutput, _convert, _generators, _repeat
 from ldm.samplers import TorchNoise
@@ -555,10 +556,7 @@ class InstructPix2PixPipeline(_EditingPipeline):
             image_guidance_scale=image_guidance_scale)
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type)
-        if isinstance(image_guidance_scale, bool) or not isinstance(image_guidance_scale, (int, float)) \
-                or not 0 <= image_guidance_scale < float("inf"):
-            raise ValueError(f"image_guidance_scale={image_guidance_scale!r} must be a finite number >= 0 "
-                             "(below 1 turns guidance off, as in diffusers)")
+        check_setting("image_guidance_scale", image_guidance_scale, "(below 1 turns guidance off, as in diffusers)")
         images = _open_all(image, "image")
         height, width = self._processing_size(images, height, width, "image")
         pixels = prepare_images(images, height, width) * 2 - 1

@@ -14,6 +14,7 @@ from typing import Any
 import diffusers
 from transformers import CLIPTextConfig, T5Config
 
+from ldm.call_settings import RECOMMENDABLE, setting_problem
 from ldm.checkpoints import compvis
 from ldm.checkpoints.diffusers_folder import (
     is_diffusers_folder, load_unet, load_vae, model_index, read_json, save_unet, save_vae, write_json,
@@ -35,13 +36,6 @@ SAMPLING_DEFAULTS_METADATA_KEY = "ldm.sampling_defaults"
 # A model may recommend call settings, measured by evaluating it (weights.md): a folder in this file, a single file
 # in its metadata. Pipelines use them where the caller passes nothing; diffusers ignores the file.
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
-SAMPLING_DEFAULT_CHECKS = {
-    "num_inference_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "guidance_scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf"),
-                       "a finite number >= 0"),
-    "image_guidance_scale": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-                             and 0 <= v < float("inf"), "a finite number >= 0"),
-}
 
 
 @dataclass
@@ -111,11 +105,11 @@ def check_sampling_defaults(values: Any, path: str | Path) -> dict[str, Any]:
         raise CheckpointError(path, f"sampling defaults must be a JSON object such as {{\"guidance_scale\": 5.0}}, "
                               f"got {values!r}")
     for key, value in values.items():
-        if key not in SAMPLING_DEFAULT_CHECKS:
-            raise CheckpointError(path, f"unknown sampling default {key!r}; known: {', '.join(SAMPLING_DEFAULT_CHECKS)}")
-        valid, expected = SAMPLING_DEFAULT_CHECKS[key]
-        if not valid(value):
-            raise CheckpointError(path, f"sampling default {key}={value!r} must be {expected}")
+        if key not in RECOMMENDABLE:
+            raise CheckpointError(path, f"unknown sampling default {key!r}; known: {', '.join(RECOMMENDABLE)}")
+        problem = setting_problem(key, value)
+        if problem:
+            raise CheckpointError(path, f"sampling default {problem}")
     return dict(values)
 
 

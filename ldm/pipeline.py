@@ -16,6 +16,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm import __version__
+from ldm.call_settings import check_setting
 from ldm.checkpoints.diffusers_folder import DEFAULT_SAMPLE_SIZE
 from ldm.checkpoints.files import find_weights_file
 from ldm.decoders import VAEDecoder
@@ -309,12 +310,9 @@ def _negatives(negative_prompt, count: int) -> list[str]:
 
 
 def _check_numbers(steps, guidance_scale, images_per_prompt, output_type) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"num_inference_steps={steps!r} must be an integer >= 1")
-    if not isinstance(guidance_scale, (int, float)) or not np.isfinite(guidance_scale) or guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 turns guidance off)")
-    if not isinstance(images_per_prompt, int) or images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt={images_per_prompt!r} must be an integer >= 1")
+    check_setting("num_inference_steps", steps)
+    check_setting("guidance_scale", guidance_scale, "(1 turns guidance off)")
+    check_setting("num_images_per_prompt", images_per_prompt)
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type={output_type!r}: choose one of {OUTPUT_TYPES}")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ldm.data.shapes import (
-    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, Scene, ShapeObject, ShapesDataset, captions, relation,
-    render,
+    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, RelationTokenLabels, Scene, ShapeObject,
+    ShapesDataset, captions, lies, object_phrase, relation, render,
 )
 
 SCENES = [ShapesDataset(seed=0).scene(index) for index in range(1500)]
@@ -55,6 +55,28 @@ def test_spatial_captions_match_the_geometry():
     assert "a yellow triangle above a red circle" in captions(Scene("black", (above, below)))
     assert relation(ShapeObject("circle", "red", "small", 10.0, 10.0),
                     ShapeObject("circle", "blue", "small", 40.0, 40.0)) is None  # diagonal: no clear relation
+
+
+def test_relation_labels_give_the_side_of_the_object_named_after_the_relation():
+    """The label of every relation caption is checked against the geometry: the object the rest of the caption
+    names lies on the labelled side of the other one."""
+    labels, checked = RelationTokenLabels(), 0
+    for scene in SCENES:
+        if len(scene.objects) != 2 or len({(o.color, o.shape) for o in scene.objects}) == 1:
+            continue
+        for text in captions(scene):
+            found = labels(text)
+            if found is None:
+                continue
+            prefix, label = found
+            rest = text[len(prefix):].strip().split(" on a ")[0]  # without an English background suffix
+            later = [obj for obj in scene.objects if rest in
+                     {object_phrase(obj, language, with_size) for language in ("en", "ja") for with_size in (0, 1)}]
+            earlier = [obj for obj in scene.objects if obj not in later]
+            assert len(later) == 1 and lies(later[0], RELATIONS[label], earlier[0]), text
+            checked += 1
+    assert checked > 1000
+    assert labels("a red circle and a blue square") is None and labels("黒い背景に赤い四角") is None
 
 
 @pytest.mark.parametrize("scene, expected", [

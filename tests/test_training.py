@@ -15,15 +15,17 @@ import torch
 import yaml
 
 from ldm.data.edits import CATEGORIES as EDIT_CATEGORIES
-from ldm.data.shapes import ShapesDataset
+from ldm.data.shapes import RELATIONS, RelationTokenLabels, ShapesDataset
 from ldm.edit_evaluation import evaluate_edit_model
 from ldm.evaluation import CATEGORIES, evaluate_model
 from ldm.loading import load_components
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
-from ldm.training.objectives import TextToImageObjective
-from ldm.training.stages import dataclass_from, instantiate, load_config, train, transfer_vocabulary, widen_input
+from ldm.training.objectives import TextToImageObjective, TokenClassifier
+from ldm.training.stages import (
+    dataclass_from, instantiate, load_config, token_labels, train, transfer_vocabulary, widen_input,
+)
 from ldm.training.loop import TrainSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,6 +179,36 @@ def test_diffusion_loss_is_zero_for_the_exact_target(prediction_type):
     assert wrong(clean, torch.zeros(6, 5, dtype=torch.long), generator=torch.Generator().manual_seed(1))[0].item() > 1e-4
 
 
+def test_token_labels_cover_the_tokens_after_the_relation_through_eos():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    texts = ["a red circle to the left of a blue square", "青い四角の左に赤い丸", "two red circles", ""]
+    tokenizer = compact_clip_tokenizer(texts, whole_characters=True)
+    model = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=len(tokenizer)))
+    encoder = CLIPTextEncoder(model, tokenizer)
+    labels = token_labels(encoder, texts, RelationTokenLabels())
+    ids, _ = encoder.frame(encoder.tokenize(texts))
+    labelled = [tokenizer.convert_ids_to_tokens(ids[row][labels[row] >= 0].tolist()) for row in range(len(texts))]
+    assert labelled == [["a</w>", "blue</w>", "square</w>", "<|endoftext|>"], ["赤", "い", "丸", "<|endoftext|>"], [], []]
+    assert set(labels[0][labels[0] >= 0].tolist()) == {RELATIONS.index("right of")}  # the square lies right
+    assert set(labels[1][labels[1] >= 0].tolist()) == {RELATIONS.index("left of")}   # the circle lies left
+
+
+def test_token_classifier_loss_is_weighted_cross_entropy_over_labelled_tokens():
+    torch.manual_seed(0)
+    classifier = TokenClassifier(hidden_size=6, classes=4, weight=0.25)
+    states = torch.randn(2, 5, 6)
+    labels = torch.tensor([[-100, -100, 1, 1, 1], [-100, 3, -100, -100, -100]])
+    loss, metrics = classifier(states, labels)
+    expected = torch.nn.functional.cross_entropy(classifier.head(torch.stack([states[0, 2], states[0, 3], states[0, 4],
+                                                                              states[1, 1]])), torch.tensor([1, 1, 1, 3]))
+    torch.testing.assert_close(loss, 0.25 * expected)
+    assert metrics["token_loss"] == pytest.approx(expected.item())
+    nothing, metrics = classifier(states, torch.full((2, 5), -100))
+    assert nothing.item() == 0 and metrics == {}  # a batch without relation captions adds nothing (not NaN)
+
+
 # ------------------------------------------------------------------------------------------------ the loop
 
 def test_autoencoder_training_lowers_the_loss(tmp_path):
@@ -263,6 +295,22 @@ def test_exported_model_matches_diffusers(tmp_path, trained_autoencoder):
     # the latent scaling was measured from the data: unit variance in the UNet's space
     cached = torch.load(tmp_path / "run" / "latents.pt", weights_only=True)
     assert ours.vae.config.scaling_factor == pytest.approx(1 / cached["latents"].float().std().item(), rel=1e-3)
+
+
+def test_token_labels_train_a_classifier_the_export_leaves_out(tmp_path, trained_autoencoder):
+    """With `token_labels:` the log shows the classifier learning; the exported model is the plain pipeline."""
+    config = {**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "run"),
+              "data": {"target": "ldm.data.shapes.ShapesDataset",
+                       "params": {"length": 32, "size": 16, "seed": 1, "scene_kinds": {"pair": 1}}},
+              "token_labels": {"target": "ldm.data.shapes.RelationTokenLabels", "weight": 1.0}}
+    config["diffusion"] = {**config["diffusion"], "caption_dropout": 0.0}
+    config["train"] = {**config["train"], "steps": 100, "checkpoint_every": 100, "lr": 3e-3, "batch_size": 8}
+    model = train(_write(config, tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    token_losses = [record["token_loss"] for record in records if "token_loss" in record]
+    assert len(token_losses) == 100 and np.mean(token_losses[-20:]) < 0.75 * np.mean(token_losses[:20])
+    assert not any("token_classifier" in key or "head" in key for key in _weights(model))
+    assert load_components(str(model)).unet is not None
 
 
 def test_training_continues_from_an_exported_model(tmp_path, trained_autoencoder):

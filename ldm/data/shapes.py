@@ -202,6 +202,30 @@ def relation_phrase(a: ShapeObject, where: str, b: ShapeObject, language: str, w
     return f"{first} {EN_RELATIONS[where]} {second}"
 
 
+class RelationTokenLabels:
+    """Labels for the text transformer's auxiliary loss (`token_labels:` in a text-to-image config).
+
+    For a relation caption it returns (the caption up to and including the relation words, the side on which the
+    object named after them lies relative to the one named before, as an index into RELATIONS); None otherwise.
+    'a red circle to the left of a blue square' -> ('a red circle to the left of', 'right of'): the square is
+    named last and lies right of the circle. '青い四角の左に赤い丸' -> ('青い四角の左に', 'left of'). The tokens after
+    the prefix must let a linear head tell the side, so the encoder cannot drop the relation word.
+    """
+
+    classes = len(RELATIONS)
+
+    def __call__(self, caption: str) -> tuple[str, int] | None:
+        for where in RELATIONS:
+            english, japanese = f" {EN_RELATIONS[where]} ", f"の{JA_RELATIONS[where]}に"
+            if english in caption:  # "A where B": B lies opposite
+                end = caption.index(english) + len(english) - 1
+                return caption[:end], RELATIONS.index(OPPOSITE[where])
+            if japanese in caption:  # "Bの...にA": A lies where
+                end = caption.index(japanese) + len(japanese)
+                return caption[:end], RELATIONS.index(where)
+        return None
+
+
 def list_phrase(phrases: list[str], language: str) -> str:
     """'a, b and c' / 'aとbとc'."""
     if language == "ja":

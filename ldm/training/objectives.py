@@ -51,20 +51,47 @@ def start_posterior_narrow(vae: AutoencoderKL, log_variance: float) -> None:
         output.bias[vae.config.latent_channels:].fill_(log_variance)
 
 
-class TextToImageObjective(nn.Module):
-    """The latent diffusion loss with a text transformer trained jointly (or frozen, by requires_grad=False)."""
+class TokenClassifier(nn.Module):
+    """An auxiliary loss on the text transformer's token states: a linear head must recover each labelled token's
+    class (label -100: no label). It makes a jointly trained encoder carry what the diffusion loss alone lets it
+    drop: the shapes encoder passed colours and shapes on but not the relation word. Not part of the exported
+    model."""
 
-    def __init__(self, unet: UNet, text_model: nn.Module, schedule: NoiseSchedule, prediction_type: str):
+    def __init__(self, hidden_size: int, classes: int, weight: float):
+        super().__init__()
+        if not weight > 0:
+            raise ValueError(f"token_labels.weight={weight!r} must be > 0")
+        self.head, self.weight = nn.Linear(hidden_size, classes), weight
+
+    def forward(self, states: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        labelled = labels >= 0
+        if not labelled.any():  # cross-entropy over no tokens is NaN
+            return states.new_zeros(()), {}
+        logits = self.head(states[labelled].float())
+        loss = F.cross_entropy(logits, labels[labelled])
+        accuracy = (logits.argmax(-1) == labels[labelled]).float().mean()
+        return self.weight * loss, {"token_loss": loss.item(), "token_accuracy": accuracy.item()}
+
+
+class TextToImageObjective(nn.Module):
+    """The latent diffusion loss with a text transformer trained jointly (or frozen, by requires_grad=False),
+    plus an optional `TokenClassifier` on its token states."""
+
+    def __init__(self, unet: UNet, text_model: nn.Module, schedule: NoiseSchedule, prediction_type: str,
+                 token_classifier: TokenClassifier | None = None):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
         self.unet, self.text_model = unet, text_model
+        self.token_classifier = token_classifier
         self.prediction_type = prediction_type
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
 
     def forward(self, latents: torch.Tensor, token_ids: torch.Tensor, image_condition: torch.Tensor | None = None,
-                *, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """`image_condition`: latents concatenated to the noisy ones on the channel axis (InstructPix2Pix)."""
+                token_labels: torch.Tensor | None = None, *,
+                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """`image_condition`: latents concatenated to the noisy ones on the channel axis (InstructPix2Pix);
+        `token_labels`: (B, T) classes for the token classifier."""
         batch = latents.shape[0]
         timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=generator)
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
@@ -76,4 +103,7 @@ class TextToImageObjective(nn.Module):
         unet_input = noisy if image_condition is None else torch.cat([noisy, image_condition], dim=1)
         prediction = self.unet(unet_input, timesteps.to(latents.device), context)
         loss = F.mse_loss(prediction.float(), target[self.prediction_type])
-        return loss, {}
+        if self.token_classifier is None or token_labels is None:
+            return loss, {}
+        token_loss, metrics = self.token_classifier(context, token_labels)
+        return loss + token_loss, {"diffusion_loss": loss.item(), **metrics}

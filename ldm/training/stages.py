@@ -29,7 +29,9 @@ from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_cl
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
 from ldm.training.loop import Trainer, TrainSettings
-from ldm.training.objectives import AutoencoderObjective, TextToImageObjective, start_posterior_narrow
+from ldm.training.objectives import (
+    AutoencoderObjective, TextToImageObjective, TokenClassifier, start_posterior_narrow,
+)
 
 TASKS = ("autoencoder", "text_to_image", "instruct_edit")
 
@@ -56,7 +58,7 @@ def instantiate(spec: DictConfig, where: str):
         factory = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as error:
         raise ValueError(f"{where}.target={target!r} does not exist ({error})") from error
-    return factory(**OmegaConf.to_container(spec.get("params", {}), resolve=True))
+    return factory(**OmegaConf.to_container(OmegaConf.create(spec.get("params") or {}), resolve=True))
 
 
 def dataclass_from(cls, section: DictConfig | dict | None, where: str):
@@ -134,7 +136,8 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
     caption_dropout = diffusion.pop("caption_dropout", 0.1)
     prediction_type = diffusion.pop("prediction_type", "epsilon")
     schedule = NoiseSchedule.from_config(**diffusion)
-    objective = TextToImageObjective(unet, text_model, schedule, prediction_type)
+    labeler, classifier = _token_labeler(config, text_config.hidden_size)
+    objective = TextToImageObjective(unet, text_model, schedule, prediction_type, classifier)
     encoder = CLIPTextEncoder(text_model, tokenizer)
     scaled = cache["latents"] * cache["scaling_factor"]
     device = settings.device
@@ -144,11 +147,40 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
         texts = [_pick(cache["captions"][int(i)], generator) if not dropped else ""
                  for i, dropped in zip(indices, drop.tolist())]
         ids, _ = encoder.frame(encoder.tokenize(texts))
-        return scaled[indices].float().to(device), ids.to(device)
+        if labeler is None:
+            return scaled[indices].float().to(device), ids.to(device)
+        labels = token_labels(encoder, texts, labeler)
+        return scaled[indices].float().to(device), ids.to(device), None, labels.to(device)
 
     unet.train(), text_model.train()
     export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
     return Trainer(objective, len(cache["captions"]), batch, settings, output, export)
+
+
+def _token_labeler(config: DictConfig, hidden_size: int):
+    """The config's `token_labels: {target, params, weight}` as (labeler, TokenClassifier), or (None, None).
+
+    A labeler maps a caption to (a prefix of it, a class index) or None; `token_labels` turns that into labels."""
+    spec = config.get("token_labels")
+    if not spec:
+        return None, None
+    labeler = instantiate(spec, "token_labels")
+    return labeler, TokenClassifier(hidden_size, labeler.classes, spec.get("weight", 0.1))
+
+
+def token_labels(encoder: CLIPTextEncoder, texts: list[str], labeler) -> torch.Tensor:
+    """(B, max_length) class per token, -100 where none: a labelled caption's tokens after its prefix, up to and
+    including EOS (the causal encoder lets only those see the whole prefix), carry its class."""
+    labels = torch.full((len(texts), encoder.max_length), -100, dtype=torch.long)
+    for row, text in zip(labels, texts):
+        found = labeler(text) if text else None
+        if found is None:
+            continue
+        prefix, label = found
+        start = 1 + len(encoder.tokenize([prefix])[0])  # after BOS and the prefix
+        eos = min(1 + len(encoder.tokenize([text])[0]), encoder.max_length - 1)
+        row[start:eos + 1] = label
+    return labels
 
 
 def _pipeline_exporter(unet: UNet, vae: AutoencoderKL, text_model: CLIPTextModel, tokenizer, diffusion: dict,
