@@ -187,8 +187,9 @@ def test_token_labels_cover_the_tokens_after_the_relation_through_eos():
     model = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                                          num_attention_heads=2, vocab_size=len(tokenizer)))
     encoder = CLIPTextEncoder(model, tokenizer)
-    labels = token_labels(encoder, texts, RelationTokenLabels())
-    ids, _ = encoder.frame(encoder.tokenize(texts))
+    tokens = encoder.tokenize(texts)
+    labels = token_labels(encoder, texts, tokens, RelationTokenLabels())
+    ids, _ = encoder.frame(tokens)
     labelled = [tokenizer.convert_ids_to_tokens(ids[row][labels[row] >= 0].tolist()) for row in range(len(texts))]
     assert labelled == [["a</w>", "blue</w>", "square</w>", "<|endoftext|>"], ["赤", "い", "丸", "<|endoftext|>"], [], []]
     assert set(labels[0][labels[0] >= 0].tolist()) == {RELATIONS.index("right of")}  # the square lies right

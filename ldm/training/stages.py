@@ -146,10 +146,11 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
         drop = torch.rand(len(indices), generator=generator) < caption_dropout
         texts = [_pick(cache["captions"][int(i)], generator) if not dropped else ""
                  for i, dropped in zip(indices, drop.tolist())]
-        ids, _ = encoder.frame(encoder.tokenize(texts))
+        tokens = encoder.tokenize(texts)
+        ids, _ = encoder.frame(tokens)
         if labeler is None:
             return scaled[indices].float().to(device), ids.to(device)
-        labels = token_labels(encoder, texts, labeler)
+        labels = token_labels(encoder, texts, tokens, labeler)
         return scaled[indices].float().to(device), ids.to(device), None, labels.to(device)
 
     unet.train(), text_model.train()
@@ -168,17 +169,18 @@ def _token_labeler(config: DictConfig, hidden_size: int):
     return labeler, TokenClassifier(hidden_size, labeler.classes, spec.get("weight", 0.1))
 
 
-def token_labels(encoder: CLIPTextEncoder, texts: list[str], labeler) -> torch.Tensor:
+def token_labels(encoder: CLIPTextEncoder, texts: list[str], tokens: list[list[int]], labeler) -> torch.Tensor:
     """(B, max_length) class per token, -100 where none: a labelled caption's tokens after its prefix, up to and
-    including EOS (the causal encoder lets only those see the whole prefix), carry its class."""
+    including EOS (the causal encoder lets only those see the whole prefix), carry its class. `tokens`: the texts'
+    content ids (`encoder.tokenize(texts)`)."""
     labels = torch.full((len(texts), encoder.max_length), -100, dtype=torch.long)
-    for row, text in zip(labels, texts):
+    for row, text, content in zip(labels, texts, tokens):
         found = labeler(text) if text else None
         if found is None:
             continue
         prefix, label = found
         start = 1 + len(encoder.tokenize([prefix])[0])  # after BOS and the prefix
-        eos = min(1 + len(encoder.tokenize([text])[0]), encoder.max_length - 1)
+        eos = min(1 + len(content), encoder.max_length - 1)
         row[start:eos + 1] = label
     return labels
 
