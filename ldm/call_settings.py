@@ -15,12 +15,23 @@ def _is_scale(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
+def _is_share(value: Any) -> bool:
+    return _is_scale(value) and 0 < value <= 1
+
+
+def _is_optional_pixels(value: Any) -> bool:
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
+
+
 # name -> (test, what a valid value is)
 CALL_SETTINGS = {
     "num_inference_steps": (_is_count, "an integer >= 1"),
     "num_images_per_prompt": (_is_count, "an integer >= 1"),
     "guidance_scale": (_is_scale, "a finite number >= 0"),
     "image_guidance_scale": (_is_scale, "a finite number >= 0"),
+    "strength": (_is_share, "a number in (0, 1]"),
+    "mask_blur": (_is_scale, "a radius in pixels >= 0 (0: no blur)"),
+    "padding_mask_crop": (_is_optional_pixels, "None or pixels >= 0 around the mask"),
 }
 
 # The settings a model may recommend (the number of images is the caller's business).

@@ -161,9 +161,8 @@ def blur_masks(items: list, radius: float) -> list:
 
 
 def _check_strength(strength) -> None:
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 < strength <= 1:
-        raise ValueError(f"strength={strength!r} must be a number in (0, 1]: the share of the denoising steps run "
-                         "from the noised image (0 would return it unchanged, 1 noises it fully)")
+    check_setting("strength", strength, "(the share of the denoising steps run from the noised image: 0 would "
+                  "return it unchanged, 1 noises it fully)")
 
 
 def _check_count(count: int, prompts: int, name: str) -> None:
@@ -495,14 +494,11 @@ def _paste_back(images: torch.Tensor, inputs: InpaintingInputs, keep_unmasked: b
 
 
 def _check_mask_options(mask_blur, padding_mask_crop, keep_unmasked, output_type) -> None:
-    if isinstance(mask_blur, bool) or not isinstance(mask_blur, (int, float)) or not 0 <= mask_blur < float("inf"):
-        raise ValueError(f"mask_blur={mask_blur!r} must be a radius in pixels >= 0 (0: no blur)")
-    if padding_mask_crop is not None:
-        if isinstance(padding_mask_crop, bool) or not isinstance(padding_mask_crop, int) or padding_mask_crop < 0:
-            raise ValueError(f"padding_mask_crop={padding_mask_crop!r} must be None or pixels >= 0 around the mask")
-        if output_type != "pil":
-            raise ValueError(f"padding_mask_crop pastes the result into the original image, which needs "
-                             f"output_type='pil', not {output_type!r}")
+    check_setting("mask_blur", mask_blur)
+    check_setting("padding_mask_crop", padding_mask_crop)
+    if padding_mask_crop is not None and output_type != "pil":
+        raise ValueError(f"padding_mask_crop pastes the result into the original image, which needs "
+                         f"output_type='pil', not {output_type!r}")
     if not isinstance(keep_unmasked, bool):
         raise ValueError(f"keep_unmasked={keep_unmasked!r} must be True or False")
 
