@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from ldm.data.shapes import (
-    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, RelationTokenLabels, Scene, ShapeObject,
+    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, OppositeRelation, RelationTokenLabels, Scene,
+    ShapeObject,
     ShapesDataset, captions, lies, object_phrase, relation, render,
 )
 
@@ -77,6 +80,25 @@ def test_relation_labels_give_the_side_of_the_object_named_after_the_relation():
             checked += 1
     assert checked > 1000
     assert labels("a red circle and a blue square") is None and labels("黒い背景に赤い四角") is None
+
+
+def test_the_opposite_relation_describes_the_scene_with_the_two_objects_swapped():
+    """OppositeRelation's caption is false of the scene and true of it with the objects' places exchanged."""
+    opposite, checked = OppositeRelation(), 0
+    for scene in SCENES:
+        if len(scene.objects) != 2:
+            continue
+        a, b = scene.objects
+        swapped = Scene(scene.background, (replace(a, x=b.x, y=b.y), replace(b, x=a.x, y=a.y)))
+        true, true_of_swapped = set(captions(scene)), set(captions(swapped))
+        for text in true:
+            wrong = opposite(text)
+            if wrong is None:
+                assert text in true_of_swapped  # no relation: the swap changes nothing it says
+                continue
+            assert wrong not in true and wrong in true_of_swapped and opposite(wrong) == text, text
+            checked += 1
+    assert checked > 1000
 
 
 @pytest.mark.parametrize("scene, expected", [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -15,16 +16,17 @@ import torch
 import yaml
 
 from ldm.data.edits import CATEGORIES as EDIT_CATEGORIES
-from ldm.data.shapes import RELATIONS, RelationTokenLabels, ShapesDataset
+from ldm.data.shapes import RELATIONS, OppositeRelation, RelationTokenLabels, ShapesDataset
 from ldm.edit_evaluation import evaluate_edit_model
 from ldm.evaluation import CATEGORIES, evaluate_model
 from ldm.loading import load_components
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
-from ldm.training.objectives import TextToImageObjective, TokenClassifier
+from ldm.training.objectives import CaptionContrast, TextToImageObjective, TokenClassifier
 from ldm.training.stages import (
-    dataclass_from, instantiate, load_config, token_labels, train, transfer_vocabulary, widen_input,
+    contradicting_captions, dataclass_from, instantiate, load_config, token_labels, train, transfer_vocabulary,
+    widen_input,
 )
 from ldm.training.loop import TrainSettings
 
@@ -416,3 +418,82 @@ def test_bad_configs_name_the_field(tmp_path):
         instantiate({"target": "os.system", "params": {"command": "true"}}, "data")
     with pytest.raises(ValueError, match="precision"):
         TrainSettings(precision="fp8").check()
+
+
+
+class _CaptionText(torch.nn.Module):
+    """Token states that are the token ids, so a stub UNet can tell captions apart."""
+
+    def forward(self, ids):
+        return type("Output", (), {"last_hidden_state": ids.float().unsqueeze(-1).expand(-1, -1, 4)})
+
+
+class _OffByCaption(torch.nn.Module):
+    """The exact v-prediction target for the latent `clean` (every row the same) plus `offsets[first token]`, so
+    each caption has a known error; it records the timesteps of every call."""
+
+    def __init__(self, clean: torch.Tensor, alphas_cumprod: torch.Tensor, offsets: dict[int, float]):
+        super().__init__()
+        self.clean, self.alphas_cumprod, self.offsets, self.calls = clean, alphas_cumprod, offsets, []
+
+    def forward(self, noisy, timesteps, context):
+        self.calls.append(timesteps)
+        offset = torch.tensor([self.offsets[int(token)] for token in context[:, 0, 0]]).view(-1, 1, 1, 1)
+        return _Oracle(self.clean + offset, self.alphas_cumprod, "v_prediction")(noisy, timesteps, context)
+
+
+@pytest.mark.parametrize("wrong_offset, margin", [(0.3, 0.05), (0.1 * math.exp(0.01), 0.05)])
+def test_caption_contrast_is_a_hinge_on_the_log_ratio_of_the_wrong_and_right_errors(wrong_offset, margin):
+    """With v-prediction, latents off by d give the error d^2 / sigma^2 at every timestep, so the log ratio of the
+    wrong caption's error over the right one's is 2 ln(d_wrong / d_right) whatever timesteps are drawn."""
+    schedule = NoiseSchedule.from_config("squaredcos_cap_v2")
+    clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    unet = _OffByCaption(clean, schedule.alphas_cumprod, {1: 0.0, 2: 0.1, 3: wrong_offset})
+    contrast = CaptionContrast(weight=0.5, margin=margin, min_timestep=900)
+    objective = TextToImageObjective(unet, _CaptionText(), schedule, "v_prediction", caption_contrast=contrast)
+    ids = torch.tensor([[1], [2], [1], [2]])  # rows 1 and 3: a right caption whose error is that of 0.1 ...
+    contradicted = torch.tensor([1, 3]), torch.tensor([[3], [3]])  # ... and a wrong one, that of wrong_offset
+    loss, metrics = objective(clean.repeat(4, 1, 1, 1), ids, None, None, contradicted,
+                              generator=torch.Generator().manual_seed(1))
+    gap = 2 * math.log(wrong_offset / 0.1)
+    assert [len(t) for t in unet.calls] == [4, 4] and bool((unet.calls[1] >= 900).all())
+    assert metrics["contrast_gap"] == pytest.approx(gap, rel=1e-3)
+    assert metrics["contrast_loss"] == pytest.approx(max(0.0, margin - gap), abs=1e-5)
+    assert loss.item() == pytest.approx(metrics["diffusion_loss"] + 0.5 * metrics["contrast_loss"], rel=1e-5)
+
+
+
+def test_contradicting_captions_pair_each_relation_caption_with_its_opposite():
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    texts = ["a red circle to the left of a blue square", "", "a red circle and a blue square", "青い四角の上に赤い丸"]
+    tokenizer = compact_clip_tokenizer(texts + ["a red circle to the right of a blue square", "青い四角の下に赤い丸"],
+                                       whole_characters=True)
+    encoder = CLIPTextEncoder(CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                                           num_attention_heads=2, vocab_size=len(tokenizer))),
+                              tokenizer)
+    rows, ids = contradicting_captions(encoder, texts, OppositeRelation(), "cpu")
+    assert rows.tolist() == [0, 3]
+    expected, _ = encoder.frame(encoder.tokenize(["a red circle to the right of a blue square", "青い四角の下に赤い丸"]))
+    assert torch.equal(ids, expected)
+    assert contradicting_captions(encoder, texts[1:3], OppositeRelation(), "cpu") is None
+
+
+def test_caption_contrast_runs_from_the_config(tmp_path, trained_autoencoder):
+    """`caption_contrast:` logs the loss and the mean log error ratio; a bad setting is named before training."""
+    config = {**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "run"),
+              "data": {"target": "ldm.data.shapes.ShapesDataset",
+                       "params": {"length": 32, "size": 16, "seed": 1, "scene_kinds": {"pair": 1}}},
+              "caption_contrast": {"target": "ldm.data.shapes.OppositeRelation", "weight": 1.0, "margin": 0.5}}
+    config["diffusion"] = {**config["diffusion"], "caption_dropout": 0.0}
+    train(_write(config, tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    contrasts = [record for record in records if "contrast_gap" in record]
+    assert len(contrasts) == 3 and all(0 < record["contrast_loss"] <= 0.5 - record["contrast_gap"] + 1e-6
+                                       for record in contrasts)
+    config["caption_contrast"]["min_timestep"] = 1000
+    with pytest.raises(ValueError, match=r"min_timestep=1000 must lie in \[0, 1000\)"):
+        train(_write({**config, "output": str(tmp_path / "bad")}, tmp_path, "bad.yaml"))
+    config["caption_contrast"]["colour"] = 1
+    with pytest.raises(ValueError, match=r"caption_contrast: unknown field\(s\) \['colour'\]"):
+        train(_write({**config, "output": str(tmp_path / "bad")}, tmp_path, "bad.yaml"))

@@ -202,6 +202,17 @@ def relation_phrase(a: ShapeObject, where: str, b: ShapeObject, language: str, w
     return f"{first} {EN_RELATIONS[where]} {second}"
 
 
+def _relation_in(caption: str) -> tuple[str, str, str] | None:
+    """(relation, its words as the caption writes them, language) for a relation caption, else None."""
+    for where in RELATIONS:
+        english, japanese = f" {EN_RELATIONS[where]} ", f"の{JA_RELATIONS[where]}に"
+        if english in caption:
+            return where, english, "en"
+        if japanese in caption:
+            return where, japanese, "ja"
+    return None
+
+
 class RelationTokenLabels:
     """Labels for the text transformer's auxiliary loss (`token_labels:` in a text-to-image config).
 
@@ -215,15 +226,28 @@ class RelationTokenLabels:
     classes = len(RELATIONS)
 
     def __call__(self, caption: str) -> tuple[str, int] | None:
-        for where in RELATIONS:
-            english, japanese = f" {EN_RELATIONS[where]} ", f"の{JA_RELATIONS[where]}に"
-            if english in caption:  # "A where B": B lies opposite
-                end = caption.index(english) + len(english) - 1
-                return caption[:end], RELATIONS.index(OPPOSITE[where])
-            if japanese in caption:  # "Bの...にA": A lies where
-                end = caption.index(japanese) + len(japanese)
-                return caption[:end], RELATIONS.index(where)
-        return None
+        found = _relation_in(caption)
+        if found is None:
+            return None
+        where, words, language = found
+        if language == "en":  # "A where B": B lies opposite
+            return caption[:caption.index(words) + len(words) - 1], RELATIONS.index(OPPOSITE[where])
+        return caption[:caption.index(words) + len(words)], RELATIONS.index(where)  # "Bの...にA": A lies where
+
+
+class OppositeRelation:
+    """A relation caption with the opposite relation ('... to the right of ...' for '... to the left of ...'),
+    None for other captions: a caption that the image contradicts only by where its objects lie (for the
+    `caption_contrast:` loss of a text-to-image config)."""
+
+    def __call__(self, caption: str) -> str | None:
+        found = _relation_in(caption)
+        if found is None:
+            return None
+        where, words, language = found
+        opposite = OPPOSITE[where]
+        swapped = f" {EN_RELATIONS[opposite]} " if language == "en" else f"の{JA_RELATIONS[opposite]}に"
+        return caption.replace(words, swapped, 1)
 
 
 def list_phrase(phrases: list[str], language: str) -> str:

@@ -9,6 +9,8 @@ checkpoints) serves both stages of latent diffusion:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -73,37 +75,88 @@ class TokenClassifier(nn.Module):
         return self.weight * loss, {"token_loss": loss.item(), "token_accuracy": accuracy.item()}
 
 
+@dataclass(frozen=True)
+class CaptionContrast:
+    """A margin loss that makes the UNet use what a contradicting caption changes (e.g. the opposite relation).
+
+    The diffusion loss alone left the shapes UNet's error the same for "left of" and "right of" at every noise
+    level: nothing in it needs the relation more than a little. Here an image is noised once at a timestep >=
+    `min_timestep` (where the layout is still open) and denoised with its caption and with one it contradicts;
+    the log of the wrong caption's error over the right one's must reach `margin`."""
+
+    weight: float = 0.2
+    margin: float = 0.05
+    min_timestep: int = 800
+
+    def __post_init__(self):
+        if not self.weight > 0 or not self.margin > 0:
+            raise ValueError(f"caption_contrast weight={self.weight!r} and margin={self.margin!r} must be > 0")
+
+    def __call__(self, right: torch.Tensor, wrong: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """`right`, `wrong`: (K,) mean squared errors with the true and the contradicting captions."""
+        gap = wrong.log() - right.log()
+        loss = F.relu(self.margin - gap).mean()
+        return self.weight * loss, {"contrast_loss": loss.item(), "contrast_gap": gap.mean().item()}
+
+
 class TextToImageObjective(nn.Module):
     """The latent diffusion loss with a text transformer trained jointly (or frozen, by requires_grad=False),
-    plus an optional `TokenClassifier` on its token states."""
+    plus an optional `TokenClassifier` on its token states and an optional `CaptionContrast`."""
 
     def __init__(self, unet: UNet, text_model: nn.Module, schedule: NoiseSchedule, prediction_type: str,
-                 token_classifier: TokenClassifier | None = None):
+                 token_classifier: TokenClassifier | None = None, caption_contrast: CaptionContrast | None = None):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
+        if caption_contrast is not None and not 0 <= caption_contrast.min_timestep < len(schedule.alphas_cumprod):
+            raise ValueError(f"caption_contrast min_timestep={caption_contrast.min_timestep} must lie in "
+                             f"[0, {len(schedule.alphas_cumprod)})")
         self.unet, self.text_model = unet, text_model
-        self.token_classifier = token_classifier
+        self.token_classifier, self.caption_contrast = token_classifier, caption_contrast
         self.prediction_type = prediction_type
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
 
     def forward(self, latents: torch.Tensor, token_ids: torch.Tensor, image_condition: torch.Tensor | None = None,
-                token_labels: torch.Tensor | None = None, *,
-                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                token_labels: torch.Tensor | None = None, contradicted: tuple[torch.Tensor, torch.Tensor] | None = None,
+                *, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """`image_condition`: latents concatenated to the noisy ones on the channel axis (InstructPix2Pix);
-        `token_labels`: (B, T) classes for the token classifier."""
-        batch = latents.shape[0]
-        timesteps = torch.randint(0, len(self.alphas_cumprod), (batch,), generator=generator)
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        alpha_bar = self.alphas_cumprod[timesteps.to(latents.device)].view(-1, 1, 1, 1)
-        signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        noisy = signal * latents + sigma * noise  # q(x_t | x_0)
-        target = {"epsilon": noise, "v_prediction": signal * noise - sigma * latents, "sample": latents}
+        `token_labels`: (B, T) classes for the token classifier; `contradicted`: (rows, token ids of a caption
+        each of those rows' images contradicts) for the caption contrast."""
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator)
+        noisy, target = self._noised(latents, timesteps, generator)
         context = self.text_model(token_ids).last_hidden_state  # (B, T, D)
         unet_input = noisy if image_condition is None else torch.cat([noisy, image_condition], dim=1)
         prediction = self.unet(unet_input, timesteps.to(latents.device), context)
-        loss = F.mse_loss(prediction.float(), target[self.prediction_type])
-        if self.token_classifier is None or token_labels is None:
+        loss = F.mse_loss(prediction.float(), target)
+        extras = []
+        if self.token_classifier is not None and token_labels is not None:
+            extras.append(self.token_classifier(context, token_labels))
+        if self.caption_contrast is not None and contradicted is not None and len(contradicted[0]):
+            extras.append(self._contrast(latents, context, *contradicted, generator))
+        if not extras:
             return loss, {}
-        token_loss, metrics = self.token_classifier(context, token_labels)
-        return loss + token_loss, {"diffusion_loss": loss.item(), **metrics}
+        metrics = {"diffusion_loss": loss.item()}
+        for _, extra_metrics in extras:
+            metrics.update(extra_metrics)
+        return loss + sum(extra_loss for extra_loss, _ in extras), metrics
+
+    def _noised(self, latents: torch.Tensor, timesteps: torch.Tensor,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """q(x_t | x_0) and what the UNet must predict from it."""
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        alpha_bar = self.alphas_cumprod[timesteps.to(latents.device)].view(-1, 1, 1, 1)
+        signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+        target = {"epsilon": noise, "v_prediction": signal * noise - sigma * latents, "sample": latents}
+        return signal * latents + sigma * noise, target[self.prediction_type]
+
+    def _contrast(self, latents: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, wrong_ids: torch.Tensor,
+                  generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """One noisy latent per contradicted row, denoised with the right and the wrong caption in one batch."""
+        count = len(rows)
+        timesteps = torch.randint(self.caption_contrast.min_timestep, len(self.alphas_cumprod), (count,),
+                                  generator=generator)
+        noisy, target = self._noised(latents[rows], timesteps, generator)
+        contexts = torch.cat([context[rows], self.text_model(wrong_ids).last_hidden_state])
+        prediction = self.unet(noisy.repeat(2, 1, 1, 1), timesteps.repeat(2).to(latents.device), contexts)
+        errors = (prediction.float() - target.repeat(2, 1, 1, 1)).square().mean(dim=(1, 2, 3))
+        return self.caption_contrast(*errors.split(count))

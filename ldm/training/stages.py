@@ -30,7 +30,7 @@ from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
 from ldm.training.loop import Trainer, TrainSettings
 from ldm.training.objectives import (
-    AutoencoderObjective, TextToImageObjective, TokenClassifier, start_posterior_narrow,
+    AutoencoderObjective, CaptionContrast, TextToImageObjective, TokenClassifier, start_posterior_narrow,
 )
 
 TASKS = ("autoencoder", "text_to_image", "instruct_edit")
@@ -137,7 +137,8 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
     prediction_type = diffusion.pop("prediction_type", "epsilon")
     schedule = NoiseSchedule.from_config(**diffusion)
     labeler, classifier = _token_labeler(config, text_config.hidden_size)
-    objective = TextToImageObjective(unet, text_model, schedule, prediction_type, classifier)
+    contradict, contrast = _caption_contrast(config)
+    objective = TextToImageObjective(unet, text_model, schedule, prediction_type, classifier, contrast)
     encoder = CLIPTextEncoder(text_model, tokenizer)
     scaled = cache["latents"] * cache["scaling_factor"]
     device = settings.device
@@ -148,10 +149,9 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
                  for i, dropped in zip(indices, drop.tolist())]
         tokens = encoder.tokenize(texts)
         ids, _ = encoder.frame(tokens)
-        if labeler is None:
-            return scaled[indices].float().to(device), ids.to(device)
-        labels = token_labels(encoder, texts, tokens, labeler)
-        return scaled[indices].float().to(device), ids.to(device), None, labels.to(device)
+        labels = None if labeler is None else token_labels(encoder, texts, tokens, labeler).to(device)
+        contradicted = None if contradict is None else contradicting_captions(encoder, texts, contradict, device)
+        return scaled[indices].float().to(device), ids.to(device), None, labels, contradicted
 
     unet.train(), text_model.train()
     export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
@@ -167,6 +167,27 @@ def _token_labeler(config: DictConfig, hidden_size: int):
         return None, None
     labeler = instantiate(spec, "token_labels")
     return labeler, TokenClassifier(hidden_size, labeler.classes, spec.get("weight", 0.1))
+
+
+def _caption_contrast(config: DictConfig):
+    """The config's `caption_contrast: {target, params, weight, margin, min_timestep}` as (contradict,
+    CaptionContrast), or (None, None). `contradict` maps a caption to one its image contradicts, or None."""
+    spec = config.get("caption_contrast")
+    if not spec:
+        return None, None
+    settings = {key: value for key, value in spec.items() if key not in ("target", "params")}
+    return instantiate(spec, "caption_contrast"), dataclass_from(CaptionContrast, settings, "caption_contrast")
+
+
+def contradicting_captions(encoder: CLIPTextEncoder, texts: list[str], contradict,
+                           device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, token ids) of the captions `contradict` finds for texts (dropped ones, "", have none); None if none."""
+    found = [(row, contradict(text)) for row, text in enumerate(texts) if text]
+    found = [(row, wrong) for row, wrong in found if wrong is not None]
+    if not found:
+        return None
+    ids, _ = encoder.frame(encoder.tokenize([wrong for _, wrong in found]))
+    return torch.tensor([row for row, _ in found], device=device), ids.to(device)
 
 
 def token_labels(encoder: CLIPTextEncoder, texts: list[str], tokens: list[list[int]], labeler) -> torch.Tensor:
