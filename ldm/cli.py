@@ -107,8 +107,11 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--images-per-prompt", type=int, default=4)
     eval_parser.add_argument("--limit", type=int, default=None, help="prompts per category (and split), for a quick run")
     eval_parser.add_argument("--output", type=Path, default=None, help="write per-image results as JSON")
-    eval_parser.add_argument("--task", choices=("text_to_image", "edit"), default="text_to_image",
-                             help="edit: success/preservation of an instruction model (default model shapes-edit)")
+    eval_parser.add_argument("--task", choices=("text_to_image", "edit", "relation_gap"), default="text_to_image",
+                             help="edit: success/preservation of an instruction model (default model shapes-edit); "
+                             "relation_gap: the UNet's error with a contradicting caption over the true one's, "
+                             "per noise level (ldm/relation_gap.py)")
+    eval_parser.add_argument("--scenes", type=int, default=64, help="relation_gap task: two-object scenes")
     eval_parser.add_argument("--image-guidance", type=float, default=1.5, help="edit task: image guidance scale")
     edit_parser = commands.add_parser("edit", help="edit an image by instruction (or inpaint with --mask, "
                                       "redraw with --strength); writes PNGs with their parameters")
@@ -153,6 +156,10 @@ def _run(args: argparse.Namespace) -> None:
         report = evaluate_edit_model(model, args.steps, args.guidance, args.image_guidance, args.images_per_prompt,
                                      args.limit or 16)
         print(_written(report, args.output).table())
+    elif args.command == "eval" and args.task == "relation_gap":
+        from ldm.relation_gap import gap_table, relation_gaps
+
+        print(gap_table(relation_gaps(args.model, args.scenes)))
     elif args.command == "eval":
         from ldm.evaluation import evaluate_model
 

@@ -75,6 +75,16 @@ class TokenClassifier(nn.Module):
         return self.weight * loss, {"token_loss": loss.item(), "token_accuracy": accuracy.item()}
 
 
+def noised(latents: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draw of q(x_t | x_0) and what the UNet must predict from it."""
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    alpha_bar = alphas_cumprod.to(latents.device)[timesteps.to(latents.device)].view(-1, 1, 1, 1)
+    signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    target = {"epsilon": noise, "v_prediction": signal * noise - sigma * latents, "sample": latents}
+    return signal * latents + sigma * noise, target[prediction_type]
+
+
 @dataclass(frozen=True)
 class CaptionContrast:
     """A margin loss that makes the UNet use what a contradicting caption changes (e.g. the opposite relation).
@@ -123,7 +133,7 @@ class TextToImageObjective(nn.Module):
         `token_labels`: (B, T) classes for the token classifier; `contradicted`: (rows, token ids of a caption
         each of those rows' images contradicts) for the caption contrast."""
         timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator)
-        noisy, target = self._noised(latents, timesteps, generator)
+        noisy, target = noised(latents, timesteps, self.alphas_cumprod, self.prediction_type, generator)
         context = self.text_model(token_ids).last_hidden_state  # (B, T, D)
         unet_input = noisy if image_condition is None else torch.cat([noisy, image_condition], dim=1)
         prediction = self.unet(unet_input, timesteps.to(latents.device), context)
@@ -140,22 +150,13 @@ class TextToImageObjective(nn.Module):
             metrics.update(extra_metrics)
         return loss + sum(extra_loss for extra_loss, _ in extras), metrics
 
-    def _noised(self, latents: torch.Tensor, timesteps: torch.Tensor,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """q(x_t | x_0) and what the UNet must predict from it."""
-        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        alpha_bar = self.alphas_cumprod[timesteps.to(latents.device)].view(-1, 1, 1, 1)
-        signal, sigma = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
-        target = {"epsilon": noise, "v_prediction": signal * noise - sigma * latents, "sample": latents}
-        return signal * latents + sigma * noise, target[self.prediction_type]
-
     def _contrast(self, latents: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, wrong_ids: torch.Tensor,
                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """One noisy latent per contradicted row, denoised with the right and the wrong caption in one batch."""
         count = len(rows)
         timesteps = torch.randint(self.caption_contrast.min_timestep, len(self.alphas_cumprod), (count,),
                                   generator=generator)
-        noisy, target = self._noised(latents[rows], timesteps, generator)
+        noisy, target = noised(latents[rows], timesteps, self.alphas_cumprod, self.prediction_type, generator)
         contexts = torch.cat([context[rows], self.text_model(wrong_ids).last_hidden_state])
         prediction = self.unet(noisy.repeat(2, 1, 1, 1), timesteps.repeat(2).to(latents.device), contexts)
         errors = (prediction.float() - target.repeat(2, 1, 1, 1)).square().mean(dim=(1, 2, 3))
