@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 from ldm.data.shapes import (
-    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, OppositeRelation, RelationTokenLabels, Scene,
-    ShapeObject,
-    ShapesDataset, captions, lies, object_phrase, relation, render,
+    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, Contradiction, OppositeRelation, OtherCount,
+    RelationTokenLabels, Scene, ShapeObject, ShapesDataset, captions, lies, object_phrase, relation, render,
 )
 
 SCENES = [ShapesDataset(seed=0).scene(index) for index in range(1500)]
@@ -99,6 +98,32 @@ def test_the_opposite_relation_describes_the_scene_with_the_two_objects_swapped(
             assert wrong not in true and wrong in true_of_swapped and opposite(wrong) == text, text
             checked += 1
     assert checked > 1000
+
+
+def test_the_other_count_describes_the_scene_with_one_object_more_or_less():
+    """OtherCount's caption is false of the scene, names the other count of the same look, and maps back."""
+    other, checked = OtherCount(), 0
+    for scene in SCENES:
+        for text in captions(scene):
+            wrong = other(text)
+            if wrong is None:
+                assert not any(number in text for number in ("two", "three", "二つ", "三つ")), text
+                continue
+            assert wrong not in captions(scene) and other(wrong) == text, text
+            checked += 1
+    assert checked > 300
+    assert other("two red circles and a blue square") == "three red circles and a blue square"
+    assert other("黒い背景に青い四角が三つ") == "黒い背景に青い四角が二つ"
+
+
+def test_a_contradiction_takes_the_first_kind_that_applies_and_names_unknown_kinds():
+    both = Contradiction(["relation", "count"])
+    assert both("a red circle above a blue square") == "a red circle below a blue square"
+    assert both("three red circles") == "two red circles"
+    assert both("a red circle") is None
+    assert Contradiction()("three red circles") is None  # relations only by default
+    with pytest.raises(ValueError, match=r"kinds must be a non-empty list of \['relation', 'count'\]; got \['size'\]"):
+        Contradiction(["size"])
 
 
 @pytest.mark.parametrize("scene, expected", [

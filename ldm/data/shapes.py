@@ -12,6 +12,8 @@ compositional generalisation.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import re
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -248,6 +250,37 @@ class OppositeRelation:
         opposite = OPPOSITE[where]
         swapped = f" {EN_RELATIONS[opposite]} " if language == "en" else f"の{JA_RELATIONS[opposite]}に"
         return caption.replace(words, swapped, 1)
+
+
+class OtherCount:
+    """A caption that counts identical objects ('two red circles', '赤い丸が三つ') with the other count, None for
+    other captions: a caption that the image contradicts only by how many objects of a look it shows."""
+
+    def __call__(self, caption: str) -> str | None:
+        for numbers, pattern in ((EN_NUMBERS, r"\b(two|three)\b"), (JA_NUMBERS, "(二つ|三つ)")):
+            other = {numbers[2]: numbers[3], numbers[3]: numbers[2]}
+            if re.search(pattern, caption):
+                return re.sub(pattern, lambda found: other[found.group(1)], caption, count=1)
+        return None
+
+
+class Contradiction:
+    """The first of the chosen `kinds` of contradiction ('relation': OppositeRelation, 'count': OtherCount) that
+    applies to a caption, None if none does (a `caption_contrast:` target: `params: {kinds: [relation, count]}`)."""
+
+    kinds = {"relation": OppositeRelation, "count": OtherCount}
+
+    def __init__(self, kinds: list[str] = ("relation",)):
+        unknown = [kind for kind in kinds if kind not in self.kinds]
+        if unknown or not kinds:
+            raise ValueError(f"Contradiction kinds must be a non-empty list of {list(self.kinds)}; got {list(kinds)}")
+        self.contradictions = [self.kinds[kind]() for kind in kinds]
+
+    def __call__(self, caption: str) -> str | None:
+        for contradict in self.contradictions:
+            if (wrong := contradict(caption)) is not None:
+                return wrong
+        return None
 
 
 def list_phrase(phrases: list[str], language: str) -> str:
