@@ -257,8 +257,9 @@ class OtherCount:
     other captions: a caption that the image contradicts only by how many objects of a look it shows."""
 
     def __call__(self, caption: str) -> str | None:
-        for numbers, pattern in ((EN_NUMBERS, r"\b(two|three)\b"), (JA_NUMBERS, "(二つ|三つ)")):
+        for numbers, boundary in ((EN_NUMBERS, r"\b"), (JA_NUMBERS, "")):  # Japanese has no spaces to bound a word
             other = {numbers[2]: numbers[3], numbers[3]: numbers[2]}
+            pattern = f"{boundary}({'|'.join(other)}){boundary}"
             if re.search(pattern, caption):
                 return re.sub(pattern, lambda found: other[found.group(1)], caption, count=1)
         return None
