@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import replace
+import re
 
 import numpy as np
 import pytest
 
 from ldm.data.shapes import (
-    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, Contradiction, OppositeRelation, OtherCount,
-    RelationTokenLabels, Scene, ShapeObject, ShapesDataset, captions, lies, object_phrase, relation, render,
+    BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, Contradiction, OppositeRelation, OtherColors,
+    OtherCount, RelationTokenLabels, Scene, ShapeObject, ShapesDataset, _looks, captions, lies,
+    object_phrase, relation, render,
 )
 
 SCENES = [ShapesDataset(seed=0).scene(index) for index in range(1500)]
@@ -116,13 +118,43 @@ def test_the_other_count_describes_the_scene_with_one_object_more_or_less():
     assert other("黒い背景に青い四角が三つ") == "黒い背景に青い四角が二つ"
 
 
+def _recolored(scene: Scene, colors: dict[str, str]) -> Scene:
+    return Scene(scene.background, tuple(replace(obj, color=colors.get(obj.color, obj.color)) for obj in scene.objects))
+
+
+def test_other_colors_describe_the_scene_recoloured_and_never_a_held_out_pair():
+    """OtherColors' caption is false of the scene and true of it with the colours changed as the caption says."""
+    other, exchanged, recolored = OtherColors(), 0, 0
+    for scene in SCENES[:600]:
+        for text in captions(scene):
+            wrong = other(text)
+            if wrong is None:
+                continue
+            before, after = _looks(text), _looks(wrong)
+            assert [shape for _, shape in before] == [shape for _, shape in after], (text, wrong)
+            assert not HELD_OUT & set(after) and not re.search(r"\ban [^aeiou]|\ba [aeiou]", wrong), wrong
+            colors = dict(zip([color for color, _ in before], [color for color, _ in after]))
+            assert wrong not in captions(scene) and wrong in captions(_recolored(scene, colors)), (text, wrong)
+            exchanged += len(set(colors)) > 1
+            recolored += len(set(colors)) == 1
+    assert exchanged > 500 and recolored > 500
+    assert other("a red circle to the left of a blue square") == "a blue circle to the left of a red square"
+    assert other("赤い丸と青い四角") == "青い丸と赤い四角"
+    assert other("a yellow circle and a blue circle") not in ("a blue circle and a yellow circle", None)  # says the same
+    assert _looks(other("a purple circle and a green triangle"))[1] == ("green", "triangle")  # no purple triangle
+
+
 def test_a_contradiction_takes_the_first_kind_that_applies_and_names_unknown_kinds():
     both = Contradiction(["relation", "count"])
     assert both("a red circle above a blue square") == "a red circle below a blue square"
     assert both("three red circles") == "two red circles"
     assert both("a red circle") is None
     assert Contradiction()("three red circles") is None  # relations only by default
-    with pytest.raises(ValueError, match=r"kinds must be a non-empty list of \['relation', 'count'\]; got \['size'\]"):
+    every = Contradiction(["relation", "count", "color"])
+    assert every("a red circle above a blue square") == "a red circle below a blue square"
+    assert every("a red circle and a blue square") == "a blue circle and a red square"
+    with pytest.raises(ValueError, match=r"kinds must be a non-empty list of \['relation', 'count', 'color'\]; "
+                                         r"got \['size'\]"):
         Contradiction(["size"])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import re
+import zlib
 
 import numpy as np
 import torch
@@ -265,11 +266,69 @@ class OtherCount:
         return None
 
 
-class Contradiction:
-    """The first of the chosen `kinds` of contradiction ('relation': OppositeRelation, 'count': OtherCount) that
-    applies to a caption, None if none does (a `caption_contrast:` target: `params: {kinds: [relation, count]}`)."""
+_EN_LOOK = re.compile(rf"\b({'|'.join(COLORS)}) ({'|'.join(SHAPES)})")
+_JA_LOOK = re.compile(f"({'|'.join(JA_COLORS.values())})({'|'.join(JA_SHAPES.values())})")
+_JA_COLOR_NAMES = {word: color for color, word in JA_COLORS.items()}
+_JA_SHAPE_NAMES = {word: shape for shape, word in JA_SHAPES.items()}
 
-    kinds = {"relation": OppositeRelation, "count": OtherCount}
+
+def _looks(caption: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a caption names, in order, English or Japanese."""
+    if english := _EN_LOOK.findall(caption):
+        return english
+    return [(_JA_COLOR_NAMES[color], _JA_SHAPE_NAMES[shape]) for color, shape in _JA_LOOK.findall(caption)]
+
+
+def _exchange(caption: str, words: dict[str, str]) -> str:
+    """Every word of `words` replaced by its value at once, English articles agreeing ('an orange', 'a red')."""
+    changed = re.sub("|".join(map(re.escape, words)), lambda found: words[found.group(0)], caption)
+    return re.sub(r"\b(a|an) (\w+)", lambda found: ("an " if found.group(2)[0] in "aeiou" else "a ") + found.group(2),
+                  changed)
+
+
+def _stable_choice(options: list, caption: str):
+    """One of `options`, the same for the same caption on every run and machine (no hidden randomness)."""
+    return options[zlib.crc32(caption.encode()) % len(options)]
+
+
+class OtherColors:
+    """A caption whose image is contradicted only by which colour each object has: the first two colours it names
+    exchanged ('a blue circle and a red square' for 'a red circle and a blue square'), or where that would say
+    the same (two circles) or name a held-out pair, its first colour replaced by one it does not name ('two green
+    circles' for 'two red circles'). None when it names no colour. Never a held-out colour-shape pair: they stay
+    out of every training caption."""
+
+    def __call__(self, caption: str) -> str | None:
+        looks = _looks(caption)
+        named = list(dict.fromkeys(color for color, _ in looks))
+        if not named:
+            return None
+
+        def recolored(swap: dict[str, str]) -> list[tuple[str, str]]:
+            return [(swap.get(color, color), shape) for color, shape in looks]
+
+        def allowed(swap: dict[str, str]) -> bool:
+            return not HELD_OUT & set(recolored(swap)) and sorted(recolored(swap)) != sorted(looks)
+
+        exchange = {named[0]: named[1], named[1]: named[0]} if len(named) >= 2 else {}
+        if exchange and allowed(exchange):
+            swap = exchange
+        else:
+            swaps = [{named[0]: other} for other in COLORS if other not in named and allowed({named[0]: other})]
+            if not swaps:
+                return None
+            swap = _stable_choice(swaps, caption)
+        if _EN_LOOK.search(caption):
+            return _exchange(caption, {f" {a} ": f" {b} " for a, b in swap.items()})
+        return _exchange(caption, {JA_COLORS[a]: JA_COLORS[b] for a, b in swap.items()})
+
+
+class Contradiction:
+    """The first of the chosen `kinds` of contradiction ('relation': OppositeRelation, 'count': OtherCount,
+    'color': OtherColors) that applies to a caption, None if none does (a `caption_contrast:` target:
+    `params: {kinds: [relation, count, color]}`; colour last, as it applies to nearly every caption)."""
+
+    kinds = {"relation": OppositeRelation, "count": OtherCount, "color": OtherColors}
 
     def __init__(self, kinds: list[str] = ("relation",)):
         unknown = [kind for kind in kinds if kind not in self.kinds]
