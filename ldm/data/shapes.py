@@ -186,8 +186,12 @@ def object_phrase(obj: ShapeObject, language: str, with_size: bool) -> str:
     if language == "ja":
         return (JA_SIZES[obj.size] if with_size else "") + JA_COLORS[obj.color] + JA_SHAPES[obj.shape]
     words = [obj.size, obj.color, obj.shape] if with_size else [obj.color, obj.shape]
-    article = "an" if words[0][0] in "aeiou" else "a"
-    return " ".join([article, *words])
+    return " ".join([article(words[0]), *words])
+
+
+def article(word: str) -> str:
+    """'an' before a vowel ('an orange'), 'a' otherwise."""
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def count_phrase(obj: ShapeObject, count: int, language: str) -> str:
@@ -282,8 +286,7 @@ def _looks(caption: str) -> list[tuple[str, str]]:
 def _exchange(caption: str, words: dict[str, str]) -> str:
     """Every word of `words` replaced by its value at once, English articles agreeing ('an orange', 'a red')."""
     changed = re.sub("|".join(map(re.escape, words)), lambda found: words[found.group(0)], caption)
-    return re.sub(r"\b(a|an) (\w+)", lambda found: ("an " if found.group(2)[0] in "aeiou" else "a ") + found.group(2),
-                  changed)
+    return re.sub(r"\b(?:a|an) (\w+)", lambda found: f"{article(found.group(1))} {found.group(1)}", changed)
 
 
 def _stable_choice(options: list, caption: str):
@@ -308,7 +311,8 @@ class OtherColors:
             return [(swap.get(color, color), shape) for color, shape in looks]
 
         def allowed(swap: dict[str, str]) -> bool:
-            return not HELD_OUT & set(recolored(swap)) and sorted(recolored(swap)) != sorted(looks)
+            after = recolored(swap)
+            return not HELD_OUT & set(after) and sorted(after) != sorted(looks)
 
         exchange = {named[0]: named[1], named[1]: named[0]} if len(named) >= 2 else {}
         if exchange and allowed(exchange):
