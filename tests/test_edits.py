@@ -12,10 +12,10 @@ from PIL import ImageFilter
 
 from ldm.data.edits import (
     CATEGORIES, KINDS, LANGUAGES, MENTION_ATTRIBUTES, MIN_MOVE, RELATION_MARGIN, TWO_EDITS, Change, Edit,
-    EditDataset, Mention, instructions, placed, sample_edit,
+    EditDataset, Mention, OppositeDirection, instructions, placed, sample_edit,
 )
 from ldm.data.shapes import (
-    BACKGROUNDS, CANVAS, COLORS, HELD_OUT, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, render,
+    BACKGROUNDS, CANVAS, COLORS, HELD_OUT, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, render,
     to_tensor, touching,
 )
 from ldm.edit_evaluation import EditCase, edit_eval_cases, evaluate_edits, score_edit
@@ -105,6 +105,23 @@ def test_instructions_read_back_to_exactly_their_change():
         for change in edit.changes:
             for language in LANGUAGES:
                 assert all(readings[text] == {change} for text in instructions([change], language))
+
+
+def test_the_opposite_direction_states_the_same_changes_with_every_placement_turned_around():
+    """Each phrasing maps to the phrasing (same template, same language) of the changes with `where` opposite, so
+    a move's or placed addition's target contradicts it by place alone; without a placement there is none."""
+    opposite, turned = OppositeDirection(), 0
+    for edit in EDITS:
+        flipped = [replace(change, where=OPPOSITE.get(change.where)) for change in edit.changes]
+        for language in LANGUAGES:
+            texts, wrong = instructions(edit.changes, language), [opposite(t) for t in instructions(edit.changes,
+                                                                                                  language)]
+            if all(change.where is None for change in edit.changes):
+                assert wrong == [None] * len(texts)
+                continue
+            assert wrong == instructions(flipped, language) and [opposite(text) for text in wrong] == texts
+            turned += len(texts)
+    assert turned > 3000
 
 
 def test_edits_change_what_they_say_and_nothing_else():

@@ -399,10 +399,15 @@ def test_edit_stage_starts_from_a_text_to_image_model_and_exports_an_instruct_pi
     assert cached["source"].shape == cached["target"].shape == (16, 4, 8, 8)
     assert len(cached["instructions"]) == 16 and all(cached["instructions"])
     # an edit model continues as one (8 input channels, its own weights)
-    again = train(_write({**config, "init": str(model), "output": str(tmp_path / "again")}, tmp_path, "again.yaml"))
+    # (with the instruction contrast: a batch of all 16 edits holds moves and placed additions)
+    contrast = {"target": "ldm.data.edits.OppositeDirection", "weight": 1.0, "margin": 0.5, "min_timestep": 500}
+    again = train(_write({**config, "init": str(model), "output": str(tmp_path / "again"), "caption_contrast": contrast,
+                          "train": {**config["train"], "batch_size": 16}}, tmp_path, "again.yaml"))
     continued = _weights(again)
     for key, value in _weights(model).items():
         torch.testing.assert_close(continued[key], value, atol=1e-6, rtol=0, msg=key)
+    (record,) = [json.loads(line) for line in (tmp_path / "again" / "log.jsonl").read_text().splitlines()]
+    assert 0 < record["contrast_loss"] <= 0.5 - record["contrast_gap"] + 1e-6
 
 
 # ------------------------------------------------------------------------------------------------ bad configs
@@ -430,14 +435,17 @@ class _CaptionText(torch.nn.Module):
 
 class _OffByCaption(torch.nn.Module):
     """The exact v-prediction target for the latent `clean` (every row the same) plus `offsets[first token]`, so
-    each caption has a known error; it records the timesteps of every call."""
+    each caption has a known error; it records the timesteps and the image-condition channels of every call."""
 
     def __init__(self, clean: torch.Tensor, alphas_cumprod: torch.Tensor, offsets: dict[int, float]):
         super().__init__()
-        self.clean, self.alphas_cumprod, self.offsets, self.calls = clean, alphas_cumprod, offsets, []
+        self.clean, self.alphas_cumprod, self.offsets = clean, alphas_cumprod, offsets
+        self.calls, self.conditions = [], []
 
     def forward(self, noisy, timesteps, context):
         self.calls.append(timesteps)
+        noisy, condition = noisy.split([self.clean.shape[1], noisy.shape[1] - self.clean.shape[1]], dim=1)
+        self.conditions.append(condition)
         offset = torch.tensor([self.offsets[int(token)] for token in context[:, 0, 0]]).view(-1, 1, 1, 1)
         return _Oracle(self.clean + offset, self.alphas_cumprod, "v_prediction")(noisy, timesteps, context)
 
@@ -461,6 +469,22 @@ def test_caption_contrast_is_a_hinge_on_the_log_ratio_of_the_wrong_and_right_err
     assert metrics["contrast_loss"] == pytest.approx(max(0.0, margin - gap), abs=1e-5)
     assert loss.item() == pytest.approx(metrics["diffusion_loss"] + 0.5 * metrics["contrast_loss"], rel=1e-5)
 
+
+
+def test_an_edit_models_contrast_denoises_beside_each_contradicted_rows_own_source():
+    """Both instructions of a contradicted row see that row's source latents; the hinge is the same as without."""
+    schedule = NoiseSchedule.from_config("squaredcos_cap_v2")
+    clean = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    unet = _OffByCaption(clean, schedule.alphas_cumprod, {1: 0.0, 2: 0.1, 3: 0.3})
+    objective = TextToImageObjective(unet, _CaptionText(), schedule, "v_prediction",
+                                     caption_contrast=CaptionContrast(weight=1.0, margin=0.05, min_timestep=500))
+    sources = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    contradicted = torch.tensor([1, 3]), torch.tensor([[3], [3]])
+    _, metrics = objective(clean.repeat(4, 1, 1, 1), torch.tensor([[1], [2], [1], [2]]), sources, None, contradicted,
+                           generator=torch.Generator().manual_seed(1))
+    assert torch.equal(unet.conditions[0], sources)
+    assert torch.equal(unet.conditions[1], sources[[1, 3]].repeat(2, 1, 1, 1))
+    assert metrics["contrast_gap"] == pytest.approx(2 * math.log(3), rel=1e-3)
 
 
 def test_contradicting_captions_pair_each_relation_caption_with_its_opposite():

@@ -20,6 +20,7 @@ image passes (`ldm.edit_evaluation`).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Callable, Collection, Sequence
 
@@ -28,7 +29,7 @@ import torch
 
 from ldm.data.shapes import (
     BACKGROUNDS, CANVAS, COLORS, EN_RELATIONS, HELD_OUT, JA_BACKGROUNDS, JA_COLORS, JA_RELATIONS, JA_SHAPES,
-    JA_SIZES, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, allowed_pairs, lies, object_phrase, relation,
+    JA_SIZES, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, allowed_pairs, lies, object_phrase, relation,
     render, sample_scene, to_tensor, touching,
 )
 
@@ -497,6 +498,29 @@ def _ja_noun(adjective: str) -> str:
 def _ja_adverb(adjective: str) -> str:
     """赤い -> 赤く, 緑の -> 緑に, 大きい -> 大きく: the form that goes before して ('make it ...')."""
     return adjective[:-1] + ("く" if adjective.endswith("い") else "に")
+
+
+def _opposites(words: dict[str, str]) -> dict[str, str]:
+    return {words[where]: words[OPPOSITE[where]] for where in RELATIONS}
+
+
+_EN_OPPOSITES = {**_opposites(EN_SIDES), **_opposites({where: EN_RELATIONS[where].removesuffix(" of").split()[-1]
+                                                      for where in RELATIONS})}  # left/right, top/bottom, above/below
+_JA_OPPOSITES = _opposites(JA_RELATIONS)
+_EN_DIRECTION = re.compile(rf"\b({'|'.join(_EN_OPPOSITES)})\b")
+_JA_DIRECTION = re.compile(f"({'|'.join(_JA_OPPOSITES)})")  # no other instruction word holds 左, 右, 上 or 下
+
+
+class OppositeDirection:
+    """An instruction with every direction turned around ('move the circle to the right' for '... to the left',
+    '青い四角の下に' for '青い四角の上に'), None for one without a direction: the target of a move or a placed addition
+    contradicts it only by where the object went (for the `caption_contrast:` loss of an instruct_edit config)."""
+
+    def __call__(self, instruction: str) -> str | None:
+        for pattern, opposites in ((_EN_DIRECTION, _EN_OPPOSITES), (_JA_DIRECTION, _JA_OPPOSITES)):
+            if pattern.search(instruction):
+                return pattern.sub(lambda found: opposites[found.group(1)], instruction)
+        return None
 
 
 # ------------------------------------------------------------------------------------------------- dataset

@@ -142,7 +142,7 @@ class TextToImageObjective(nn.Module):
         if self.token_classifier is not None and token_labels is not None:
             extras.append(self.token_classifier(context, token_labels))
         if self.caption_contrast is not None and contradicted is not None and len(contradicted[0]):
-            extras.append(self._contrast(latents, context, *contradicted, generator))
+            extras.append(self._contrast(latents, context, image_condition, *contradicted, generator))
         if not extras:
             return loss, {}
         metrics = {"diffusion_loss": loss.item()}
@@ -150,13 +150,17 @@ class TextToImageObjective(nn.Module):
             metrics.update(extra_metrics)
         return loss + sum(extra_loss for extra_loss, _ in extras), metrics
 
-    def _contrast(self, latents: torch.Tensor, context: torch.Tensor, rows: torch.Tensor, wrong_ids: torch.Tensor,
+    def _contrast(self, latents: torch.Tensor, context: torch.Tensor, image_condition: torch.Tensor | None,
+                  rows: torch.Tensor, wrong_ids: torch.Tensor,
                   generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-        """One noisy latent per contradicted row, denoised with the right and the wrong caption in one batch."""
+        """One noisy latent per contradicted row, denoised with the right and the wrong caption (or instruction,
+        beside the same source latents) in one batch."""
         count = len(rows)
         timesteps = torch.randint(self.caption_contrast.min_timestep, len(self.alphas_cumprod), (count,),
                                   generator=generator)
         noisy, target = noised(latents[rows], timesteps, self.alphas_cumprod, self.prediction_type, generator)
+        if image_condition is not None:
+            noisy = torch.cat([noisy, image_condition[rows]], dim=1)
         contexts = torch.cat([context[rows], self.text_model(wrong_ids).last_hidden_state])
         prediction = self.unet(noisy.repeat(2, 1, 1, 1), timesteps.repeat(2).to(latents.device), contexts)
         errors = (prediction.float() - target.repeat(2, 1, 1, 1)).square().mean(dim=(1, 2, 3))

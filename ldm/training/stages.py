@@ -295,6 +295,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     the source image's latents (zero weights, so step 0 behaves as the text-to-image model); as in diffusers'
     pipeline, those latents are the posterior mode without the scaling factor. Conditioning dropout trains all
     three branches of the two-scale guidance: text only, image only and both dropped, `conditioning_dropout` each.
+    An optional `caption_contrast:` (e.g. `ldm.data.edits.OppositeDirection`) contrasts instructions as the
+    text-to-image stage contrasts captions, beside the same source latents.
     """
     if not config.get("init"):
         raise ValueError("task instruct_edit needs init=<text-to-image model folder or name> to start from")
@@ -316,7 +318,9 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     diffusion = dict(config.get("diffusion", {}))
     dropout = diffusion.pop("conditioning_dropout", 0.05)
     prediction_type = diffusion.pop("prediction_type", "epsilon")
-    objective = TextToImageObjective(unet, text_model, NoiseSchedule.from_config(**diffusion), prediction_type)
+    contradict, contrast = _caption_contrast(config)
+    objective = TextToImageObjective(unet, text_model, NoiseSchedule.from_config(**diffusion), prediction_type,
+                                     caption_contrast=contrast)
     encoder = CLIPTextEncoder(text_model, tokenizer)
     targets = cache["target"] * vae.config.scaling_factor
     device = settings.device
@@ -328,7 +332,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
                  for i, dropped in zip(indices, drop_text.tolist())]
         ids, _ = encoder.frame(encoder.tokenize(texts))
         source = cache["source"][indices].float() * (~drop_image).float().view(-1, 1, 1, 1)
-        return targets[indices].float().to(device), ids.to(device), source.to(device)
+        contradicted = None if contradict is None else contradicting_captions(encoder, texts, contradict, device)
+        return targets[indices].float().to(device), ids.to(device), source.to(device), None, contradicted
 
     unet.train(), text_model.train()
     export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
