@@ -15,8 +15,8 @@ from ldm.data.edits import (
     EditDataset, Mention, OppositeDirection, instructions, placed, sample_edit,
 )
 from ldm.data.shapes import (
-    BACKGROUNDS, CANVAS, COLORS, HELD_OUT, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, render,
-    to_tensor, touching,
+    BACKGROUNDS, CANVAS, COLORS, HELD_OUT, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset,
+    render, to_tensor, touching,
 )
 from ldm.edit_evaluation import EditCase, edit_eval_cases, evaluate_edits, score_edit
 
@@ -114,8 +114,8 @@ def test_the_opposite_direction_states_the_same_changes_with_every_placement_tur
     for edit in EDITS:
         flipped = [replace(change, where=OPPOSITE.get(change.where)) for change in edit.changes]
         for language in LANGUAGES:
-            texts, wrong = instructions(edit.changes, language), [opposite(t) for t in instructions(edit.changes,
-                                                                                                  language)]
+            texts = instructions(edit.changes, language)
+            wrong = [opposite(text) for text in texts]
             if all(change.where is None for change in edit.changes):
                 assert wrong == [None] * len(texts)
                 continue

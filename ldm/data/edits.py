@@ -518,8 +518,9 @@ class OppositeDirection:
 
     def __call__(self, instruction: str) -> str | None:
         for pattern, opposites in ((_EN_DIRECTION, _EN_OPPOSITES), (_JA_DIRECTION, _JA_OPPOSITES)):
-            if pattern.search(instruction):
-                return pattern.sub(lambda found: opposites[found.group(1)], instruction)
+            turned, count = pattern.subn(lambda found: opposites[found.group(1)], instruction)
+            if count:
+                return turned
         return None
 
 
