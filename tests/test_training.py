@@ -222,6 +222,23 @@ def test_autoencoder_training_lowers_the_loss(tmp_path):
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_cosine_schedule_warms_up_then_falls_to_min_lr_at_the_last_step(tmp_path):
+    config = {**TINY_AUTOENCODER, "output": str(tmp_path / "run"),
+              "train": {**TINY_AUTOENCODER["train"], "steps": 6, "lr": 1e-3, "warmup_steps": 2,
+                        "lr_schedule": "cosine", "min_lr": 1e-4, "checkpoint_every": 6, "log_every": 1}}
+    train(_write(config, tmp_path))
+    logged = [json.loads(line)["lr"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    # warm-up 1/2, 2/2; then min + (lr - min)(1 + cos(pi k/3))/2 for k = 0..3
+    assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 7.75e-4, 3.25e-4, 1e-4])
+
+
+@pytest.mark.parametrize("override, problem", [({"lr_schedule": "linear"}, "lr_schedule"),
+                                               ({"min_lr": 2e-3}, "min_lr")])
+def test_bad_lr_schedule_is_refused_by_name(override, problem):
+    with pytest.raises(ValueError, match=problem):
+        TrainSettings(lr=1e-3, **override).check()
+
+
 def test_resumed_run_continues_exactly(tmp_path, trained_autoencoder):
     straight = _write({**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "straight")},
                       tmp_path, "straight.yaml")

@@ -28,6 +28,7 @@ from ldm.checkpoints.files import write_atomically
 from ldm.errors import CheckpointError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -36,7 +37,9 @@ class TrainSettings:
     batch_size: int = 32               # images per optimiser step, over all processes and micro-steps
     grad_accumulation: int = 1         # micro-steps per optimiser step
     lr: float = 1e-4
-    warmup_steps: int = 100            # linear warm-up, then constant (EMA does the averaging)
+    warmup_steps: int = 100            # linear warm-up, then the lr_schedule
+    lr_schedule: str = "constant"      # constant (EMA does the averaging) or cosine: down to min_lr at the last step
+    min_lr: float = 0.0
     weight_decay: float = 0.0
     grad_clip: float | None = 1.0      # max global gradient norm, None to disable
     precision: str = "bf16"            # autocast dtype: bf16 (CPU and GPU), fp16 (GPU, with loss scaling), fp32
@@ -51,6 +54,10 @@ class TrainSettings:
     def check(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision={self.precision!r}; choose one of {PRECISIONS}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"train.lr_schedule={self.lr_schedule!r}; choose one of {LR_SCHEDULES}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"train.min_lr={self.min_lr} must lie in [0, train.lr={self.lr}]")
         for name in ("steps", "batch_size", "grad_accumulation", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -59,6 +66,15 @@ class TrainSettings:
                              f"train.checkpoint_every={self.checkpoint_every}: it scores the export a checkpoint writes")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimiser step `step` (0-based): a function of the step alone, so resuming keeps it."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (step - self.warmup_steps) / max(1, self.steps - 1 - self.warmup_steps)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 class EMA:
@@ -159,7 +175,7 @@ class Trainer:
             if self.step % settings.log_every == 0 or self.step == settings.steps:
                 mean = sum(losses) / len(losses)
                 progress.set_postfix(loss=f"{mean:.4f}")
-                self.log({"step": self.step, "loss": mean, "lr": self.lr_at(self.step),
+                self.log({"step": self.step, "loss": mean, "lr": settings.lr_at(self.step - 1),
                           "seconds": time.perf_counter() - started, **metrics})
                 losses = []
             if self.step % settings.checkpoint_every == 0 or self.step == settings.steps:
@@ -169,13 +185,10 @@ class Trainer:
                     self.log_evaluation(evaluate)
         progress.close()
 
-    def lr_at(self, step: int) -> float:
-        return self.settings.lr * min(1.0, (step + 1) / max(1, self.settings.warmup_steps))
-
     def train_step(self) -> tuple[float, dict]:
         settings, world = self.settings, self.world
         for group in self.optimizer.param_groups:
-            group["lr"] = self.lr_at(self.step)
+            group["lr"] = settings.lr_at(self.step)
         indices = torch.randint(self.dataset_size, (settings.batch_size,),
                                 generator=step_generator(settings.seed, self.step))
         micro_batches = indices.chunk(world.size * settings.grad_accumulation)
