@@ -23,7 +23,7 @@ from ldm.loading import load_components
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
-from ldm.training.objectives import CaptionContrast, TextToImageObjective, TokenClassifier
+from ldm.training.objectives import CaptionContrast, ChangedRegion, TextToImageObjective, TokenClassifier
 from ldm.training.stages import (
     contradicting_captions, dataclass_from, instantiate, load_config, token_labels, train, transfer_vocabulary,
     widen_input,
@@ -179,6 +179,33 @@ def test_diffusion_loss_is_zero_for_the_exact_target(prediction_type):
     wrong = TextToImageObjective(_Oracle(clean + 0.1, schedule.alphas_cumprod, prediction_type), _Text(), schedule,
                                  prediction_type)
     assert wrong(clean, torch.zeros(6, 5, dtype=torch.long), generator=torch.Generator().manual_seed(1))[0].item() > 1e-4
+
+
+def test_changed_region_weights_the_cells_an_edit_changes():
+    source = torch.zeros(1, 4, 2, 2)
+    target = source.clone()
+    target[0, :, 0, 0] = 1.0           # mean |difference| 1: changed
+    target[0, :2, 1, 1] = 0.6          # mean 0.3: below the threshold
+    weights = ChangedRegion(weight=3.0, threshold=0.5)(source, target)
+    assert weights.tolist() == [[[[4.0, 1.0], [1.0, 1.0]]]]
+    with pytest.raises(ValueError, match="changed_region"):
+        ChangedRegion(weight=-1.0)
+
+
+@pytest.mark.parametrize("weight", [0.0, 3.0])
+def test_loss_weights_give_the_weighted_mean_squared_error(weight):
+    """An x0 oracle off by 0.1 in the left half of every image: the loss is the closed-form weighted mean."""
+    schedule = NoiseSchedule.from_config("squaredcos_cap_v2")
+    clean = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    off = torch.zeros_like(clean)
+    off[..., :4] = 0.1
+    objective = TextToImageObjective(_Oracle(clean + off, schedule.alphas_cumprod, "sample"), _Text(), schedule,
+                                     "sample")
+    weights = torch.ones(3, 1, 8, 8)
+    weights[..., :4] += weight
+    loss, _ = objective(clean, torch.zeros(3, 5, dtype=torch.long), loss_weights=weights,
+                        generator=torch.Generator().manual_seed(1))
+    assert loss.item() == pytest.approx(0.01 * (1 + weight) / (2 + weight), rel=1e-5)
 
 
 def test_token_labels_cover_the_tokens_after_the_relation_through_eos():
@@ -418,7 +445,9 @@ def test_edit_stage_starts_from_a_text_to_image_model_and_exports_an_instruct_pi
     # an edit model continues as one (8 input channels, its own weights)
     # (with the instruction contrast: a batch of all 16 edits holds moves and placed additions)
     contrast = {"target": "ldm.data.edits.OppositeDirection", "weight": 1.0, "margin": 0.5, "min_timestep": 500}
+    # (and the changed-region weights, which only reweight the loss)
     again = train(_write({**config, "init": str(model), "output": str(tmp_path / "again"), "caption_contrast": contrast,
+                          "changed_region": {"weight": 3.0, "threshold": 0.5},
                           "train": {**config["train"], "batch_size": 16}}, tmp_path, "again.yaml"))
     continued = _weights(again)
     for key, value in _weights(model).items():

@@ -109,6 +109,28 @@ class CaptionContrast:
         return self.weight * loss, {"contrast_loss": loss.item(), "contrast_gap": gap.mean().item()}
 
 
+@dataclass(frozen=True)
+class ChangedRegion:
+    """Per-cell loss weights for edit training: 1 + `weight` where the edit changes the latents, 1 elsewhere.
+
+    Most of an edit pair is the same in source and target, and copying the source there is easy; the error that
+    costs preservation is in the cells the edit changes (an object left behind where it was moved from). A cell
+    counts as changed when the mean absolute difference of its source and target latents (unscaled, over channels)
+    exceeds `threshold`; 0.5 is about half the shapes latents' standard deviation."""
+
+    weight: float = 1.0
+    threshold: float = 0.5
+
+    def __post_init__(self):
+        if not self.weight >= 0 or not self.threshold > 0:
+            raise ValueError(f"changed_region weight={self.weight!r} must be >= 0 and threshold={self.threshold!r} > 0")
+
+    def __call__(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """(B, 1, H, W) weights for (B, C, H, W) source and target latents."""
+        changed = (target.float() - source.float()).abs().mean(dim=1, keepdim=True) > self.threshold
+        return 1 + self.weight * changed.float()
+
+
 class TextToImageObjective(nn.Module):
     """The latent diffusion loss with a text transformer trained jointly (or frozen, by requires_grad=False),
     plus an optional `TokenClassifier` on its token states and an optional `CaptionContrast`."""
@@ -128,16 +150,22 @@ class TextToImageObjective(nn.Module):
 
     def forward(self, latents: torch.Tensor, token_ids: torch.Tensor, image_condition: torch.Tensor | None = None,
                 token_labels: torch.Tensor | None = None, contradicted: tuple[torch.Tensor, torch.Tensor] | None = None,
+                loss_weights: torch.Tensor | None = None,
                 *, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """`image_condition`: latents concatenated to the noisy ones on the channel axis (InstructPix2Pix);
         `token_labels`: (B, T) classes for the token classifier; `contradicted`: (rows, token ids of a caption
-        each of those rows' images contradicts) for the caption contrast."""
+        each of those rows' images contradicts) for the caption contrast; `loss_weights`: (B, 1, H, W) weights of
+        the squared error per latent cell (e.g. `ChangedRegion`), a weighted mean so the loss keeps its scale."""
         timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator)
         noisy, target = noised(latents, timesteps, self.alphas_cumprod, self.prediction_type, generator)
         context = self.text_model(token_ids).last_hidden_state  # (B, T, D)
         unet_input = noisy if image_condition is None else torch.cat([noisy, image_condition], dim=1)
         prediction = self.unet(unet_input, timesteps.to(latents.device), context)
-        loss = F.mse_loss(prediction.float(), target)
+        squared_error = (prediction.float() - target).square()
+        if loss_weights is None:
+            loss = squared_error.mean()
+        else:
+            loss = (loss_weights * squared_error).sum() / (loss_weights.sum() * squared_error.shape[1])
         extras = []
         if self.token_classifier is not None and token_labels is not None:
             extras.append(self.token_classifier(context, token_labels))

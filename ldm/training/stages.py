@@ -30,7 +30,7 @@ from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
 from ldm.training.loop import Trainer, TrainSettings
 from ldm.training.objectives import (
-    AutoencoderObjective, CaptionContrast, TextToImageObjective, TokenClassifier, start_posterior_narrow,
+    AutoencoderObjective, CaptionContrast, ChangedRegion, TextToImageObjective, TokenClassifier, start_posterior_narrow,
 )
 
 TASKS = ("autoencoder", "text_to_image", "instruct_edit")
@@ -296,7 +296,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     pipeline, those latents are the posterior mode without the scaling factor. Conditioning dropout trains all
     three branches of the two-scale guidance: text only, image only and both dropped, `conditioning_dropout` each.
     An optional `caption_contrast:` (e.g. `ldm.data.edits.OppositeDirection`) contrasts instructions as the
-    text-to-image stage contrasts captions, beside the same source latents.
+    text-to-image stage contrasts captions, beside the same source latents. An optional `changed_region: {weight,
+    threshold}` weights the loss in the latent cells the edit changes (`ChangedRegion`).
     """
     if not config.get("init"):
         raise ValueError("task instruct_edit needs init=<text-to-image model folder or name> to start from")
@@ -321,6 +322,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     contradict, contrast = _caption_contrast(config)
     objective = TextToImageObjective(unet, text_model, NoiseSchedule.from_config(**diffusion), prediction_type,
                                      caption_contrast=contrast)
+    changed_region = dataclass_from(ChangedRegion, config.get("changed_region"), "changed_region") \
+        if config.get("changed_region") else None
     encoder = CLIPTextEncoder(text_model, tokenizer)
     targets = cache["target"] * vae.config.scaling_factor
     device = settings.device
@@ -333,7 +336,9 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
         ids, _ = encoder.frame(encoder.tokenize(texts))
         source = cache["source"][indices].float() * (~drop_image).float().view(-1, 1, 1, 1)
         contradicted = None if contradict is None else contradicting_captions(encoder, texts, contradict, device)
-        return targets[indices].float().to(device), ids.to(device), source.to(device), None, contradicted
+        weights = None if changed_region is None else \
+            changed_region(cache["source"][indices], cache["target"][indices]).to(device)
+        return targets[indices].float().to(device), ids.to(device), source.to(device), None, contradicted, weights
 
     unet.train(), text_model.train()
     export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
