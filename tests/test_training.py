@@ -188,6 +188,7 @@ def test_changed_region_weights_the_cells_an_edit_changes():
     target[0, :2, 1, 1] = 0.6          # mean 0.3: below the threshold
     weights = ChangedRegion(weight=3.0, threshold=0.5)(source, target)
     assert weights.tolist() == [[[[4.0, 1.0], [1.0, 1.0]]]]
+    assert ChangedRegion(weight=-0.5)(source, target).tolist() == [[[[0.5, 1.0], [1.0, 1.0]]]]
     with pytest.raises(ValueError, match="changed_region"):
         ChangedRegion(weight=-1.0)
 

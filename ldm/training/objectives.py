@@ -113,17 +113,18 @@ class CaptionContrast:
 class ChangedRegion:
     """Per-cell loss weights for edit training: 1 + `weight` where the edit changes the latents, 1 elsewhere.
 
-    Most of an edit pair is the same in source and target, and copying the source there is easy; the error that
-    costs preservation is in the cells the edit changes (an object left behind where it was moved from). A cell
-    counts as changed when the mean absolute difference of its source and target latents (unscaled, over channels)
-    exceeds `threshold`; 0.5 is about half the shapes latents' standard deviation."""
+    A cell counts as changed when the mean absolute difference of its source and target latents (unscaled, over
+    channels) exceeds `threshold`; 0.5 is about half the shapes latents' standard deviation. A weight in (-1, 0)
+    weights the unchanged cells more instead. On the shipped edit model, weight 2 (the changed cells, where a
+    moved object's copy is left behind) cut preservation from 0.68 to 0.54 (README)."""
 
     weight: float = 1.0
     threshold: float = 0.5
 
     def __post_init__(self):
-        if not self.weight >= 0 or not self.threshold > 0:
-            raise ValueError(f"changed_region weight={self.weight!r} must be >= 0 and threshold={self.threshold!r} > 0")
+        if not self.weight > -1 or not self.threshold > 0:
+            raise ValueError(f"changed_region weight={self.weight!r} must be > -1 (weights stay positive) and "
+                             f"threshold={self.threshold!r} > 0")
 
     def __call__(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """(B, 1, H, W) weights for (B, C, H, W) source and target latents."""
