@@ -322,8 +322,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     contradict, contrast = _caption_contrast(config)
     objective = TextToImageObjective(unet, text_model, NoiseSchedule.from_config(**diffusion), prediction_type,
                                      caption_contrast=contrast)
-    changed_region = dataclass_from(ChangedRegion, config.get("changed_region"), "changed_region") \
-        if config.get("changed_region") else None
+    region_spec = config.get("changed_region")
+    changed_region = dataclass_from(ChangedRegion, region_spec, "changed_region") if region_spec else None
     encoder = CLIPTextEncoder(text_model, tokenizer)
     targets = cache["target"] * vae.config.scaling_factor
     device = settings.device
@@ -334,10 +334,10 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
         texts = ["" if dropped else _pick(cache["instructions"][int(i)], generator)
                  for i, dropped in zip(indices, drop_text.tolist())]
         ids, _ = encoder.frame(encoder.tokenize(texts))
-        source = cache["source"][indices].float() * (~drop_image).float().view(-1, 1, 1, 1)
+        edit_source = cache["source"][indices]
+        source = edit_source.float() * (~drop_image).float().view(-1, 1, 1, 1)
         contradicted = None if contradict is None else contradicting_captions(encoder, texts, contradict, device)
-        weights = None if changed_region is None else \
-            changed_region(cache["source"][indices], cache["target"][indices]).to(device)
+        weights = None if changed_region is None else changed_region(edit_source, cache["target"][indices]).to(device)
         return targets[indices].float().to(device), ids.to(device), source.to(device), None, contradicted, weights
 
     unet.train(), text_model.train()
