@@ -508,7 +508,7 @@ def test_caption_contrast_is_a_hinge_on_the_log_ratio_of_the_wrong_and_right_err
     objective = TextToImageObjective(unet, _CaptionText(), schedule, "v_prediction", caption_contrast=contrast)
     ids = torch.tensor([[1], [2], [1], [2]])  # rows 1 and 3: a right caption whose error is that of 0.1 ...
     contradicted = torch.tensor([1, 3]), torch.tensor([[3], [3]])  # ... and a wrong one, that of wrong_offset
-    loss, metrics = objective(clean.repeat(4, 1, 1, 1), ids, None, None, contradicted,
+    loss, metrics = objective(clean.repeat(4, 1, 1, 1), ids, contradicted=contradicted,
                               generator=torch.Generator().manual_seed(1))
     gap = 2 * math.log(wrong_offset / 0.1)
     assert [len(t) for t in unet.calls] == [4, 4] and bool((unet.calls[1] >= 900).all())
@@ -527,8 +527,8 @@ def test_an_edit_models_contrast_denoises_beside_each_contradicted_rows_own_sour
                                      caption_contrast=CaptionContrast(weight=1.0, margin=0.05, min_timestep=500))
     sources = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     contradicted = torch.tensor([1, 3]), torch.tensor([[3], [3]])
-    _, metrics = objective(clean.repeat(4, 1, 1, 1), torch.tensor([[1], [2], [1], [2]]), sources, None, contradicted,
-                           generator=torch.Generator().manual_seed(1))
+    _, metrics = objective(clean.repeat(4, 1, 1, 1), torch.tensor([[1], [2], [1], [2]]), image_condition=sources,
+                           contradicted=contradicted, generator=torch.Generator().manual_seed(1))
     assert torch.equal(unet.conditions[0], sources)
     assert torch.equal(unet.conditions[1], sources[[1, 3]].repeat(2, 1, 1, 1))
     assert metrics["contrast_gap"] == pytest.approx(2 * math.log(3), rel=1e-3)

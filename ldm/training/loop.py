@@ -126,13 +126,13 @@ def init_distributed(device: str) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-BatchFn = Callable[[torch.Tensor, torch.Generator], tuple]   # (item indices, generator) -> objective inputs
+BatchFn = Callable[[torch.Tensor, torch.Generator], dict]    # (item indices, generator) -> objective inputs by name
 ExportFn = Callable[[Path], None]                            # writes the current (EMA) model to a folder
 EvaluateFn = Callable[[Path], dict]                          # an exported model's folder -> named scores
 
 
 class Trainer:
-    """Runs `objective(*batch_fn(indices, generator), generator)` -> (loss, metrics) for settings.steps steps."""
+    """Runs `objective(**batch_fn(indices, generator), generator)` -> (loss, metrics) for settings.steps steps."""
 
     def __init__(self, objective: nn.Module, dataset_size: int, batch_fn: BatchFn, settings: TrainSettings,
                  output: Path, export: ExportFn):
@@ -199,7 +199,7 @@ class Trainer:
             last = micro == settings.grad_accumulation - 1
             sync = nullcontext() if last or world.size == 1 else self.model.no_sync()
             with sync, self.autocast():
-                loss, metrics = self.model(*self.batch_fn(micro_batches[part], generator), generator=generator)
+                loss, metrics = self.model(**self.batch_fn(micro_batches[part], generator), generator=generator)
                 loss = loss / settings.grad_accumulation
             self.scaler.scale(loss).backward()
             total += loss.item()

@@ -101,7 +101,7 @@ def autoencoder_stage(config: DictConfig, settings: TrainSettings, output: Path)
     device = settings.device
 
     def batch(indices, generator):
-        return (_images(dataset, indices).to(device),)
+        return {"images": _images(dataset, indices).to(device)}
 
     return Trainer(objective, len(dataset), batch, settings, output, export=lambda folder: save_vae(vae, folder))
 
@@ -151,7 +151,8 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
         ids, _ = encoder.frame(tokens)
         labels = None if labeler is None else token_labels(encoder, texts, tokens, labeler).to(device)
         contradicted = None if contradict is None else contradicting_captions(encoder, texts, contradict, device)
-        return scaled[indices].float().to(device), ids.to(device), None, labels, contradicted
+        return {"latents": scaled[indices].float().to(device), "token_ids": ids.to(device), "token_labels": labels,
+                "contradicted": contradicted}
 
     unet.train(), text_model.train()
     export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
@@ -338,7 +339,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
         source = edit_source.float() * (~drop_image).float().view(-1, 1, 1, 1)
         contradicted = None if contradict is None else contradicting_captions(encoder, texts, contradict, device)
         weights = None if changed_region is None else changed_region(edit_source, cache["target"][indices]).to(device)
-        return targets[indices].float().to(device), ids.to(device), source.to(device), None, contradicted, weights
+        return {"latents": targets[indices].float().to(device), "token_ids": ids.to(device),
+                "image_condition": source.to(device), "contradicted": contradicted, "loss_weights": weights}
 
     unet.train(), text_model.train()
     export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
