@@ -151,7 +151,8 @@ class TextToImageObjective(nn.Module):
 
     def forward(self, latents: torch.Tensor, token_ids: torch.Tensor, *, image_condition: torch.Tensor | None = None,
                 token_labels: torch.Tensor | None = None, contradicted: tuple[torch.Tensor, torch.Tensor] | None = None,
-                loss_weights: torch.Tensor | None = None, generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+                loss_weights: torch.Tensor | None = None,
+                generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """`image_condition`: latents concatenated to the noisy ones on the channel axis (InstructPix2Pix);
         `token_labels`: (B, T) classes for the token classifier; `contradicted`: (rows, token ids of a caption
         each of those rows' images contradicts) for the caption contrast; `loss_weights`: (B, 1, H, W) weights of
