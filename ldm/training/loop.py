@@ -63,7 +63,7 @@ class TrainSettings:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.eval_every is not None and (self.eval_every < 1 or self.eval_every % self.checkpoint_every):
             raise ValueError(f"train.eval_every={self.eval_every} must be a positive multiple of "
-                             f"train.checkpoint_every={self.checkpoint_every}: it scores the export a checkpoint writes")
+                             f"train.checkpoint_every={self.checkpoint_every}: it scores a checkpoint's export")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"train.ema_decay must lie in (0, 1) or be null, got {self.ema_decay}")
 
