@@ -36,7 +36,7 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 @dataclass
 class PipelineOutput:
     images: Any  # list of PIL images, (B, H, W, 3) array in [0, 1], (B, 3, H, W) tensor, or latents
-    seeds: list[int | None]  # the seed of each image (None where the caller passed generators we cannot name)
+    seeds: list[int | None]  # the seed of each image (None where a passed generator had already been drawn from)
     settings: list[dict[str, Any]]  # the resolved settings of each image, as stored in its PNG
 
     def save(self, folder: str | Path, prefix: str = "image") -> list[Path]:
@@ -323,15 +323,23 @@ def _generators(generator, seed: int | None, batch: int) -> tuple[list[torch.Gen
     if isinstance(generator, list):
         if len(generator) != batch:
             raise ValueError(f"got {len(generator)} generators for {batch} images: pass one per image, or one")
-        return generator, [None] * batch
+        return generator, [_seed_of(g) for g in generator]
     if generator is not None and seed is not None:
         raise ValueError("pass either generator or seed, not both")
     if generator is not None:
         base = generator.initial_seed()
         rest = [torch.Generator().manual_seed(base + k) for k in range(1, batch)]
-        return [generator, *rest], [base + k for k in range(batch)]
+        first = _seed_of(generator)
+        return [generator, *rest], [first, *(base + k for k in range(1, batch))]
     base = random.randrange(2**32) if seed is None else seed
     return [torch.Generator().manual_seed(base + k) for k in range(batch)], [base + k for k in range(batch)]
+
+
+def _seed_of(generator: torch.Generator) -> int | None:
+    """The seed that regenerates what `generator` will draw: its initial seed while it is still in that state, None
+    once something has drawn from it (its images then cannot be regenerated from a seed)."""
+    fresh = torch.Generator(device=generator.device).manual_seed(generator.initial_seed())
+    return generator.initial_seed() if torch.equal(fresh.get_state(), generator.get_state()) else None
 
 
 def _repeat(prompts: list[str], times: int) -> list[str]:

@@ -121,6 +121,18 @@ def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(tiny_pipe):
     np.testing.assert_allclose(with_generator[0], batch.images[2], atol=1e-5)
 
 
+def test_generators_record_their_seed_only_while_it_regenerates_their_image(tiny_pipe):
+    call = dict(num_inference_steps=2, height=16, width=16, output_type="np")
+    used = torch.Generator().manual_seed(3)
+    torch.randn(1, generator=used)  # drawn from: seed 3 no longer gives what it draws next
+    result = tiny_pipe(["x", "y"], generator=[torch.Generator().manual_seed(7), used], **call)
+    assert result.seeds == [7, None]
+    assert [settings["seed"] for settings in result.settings] == [7, None]
+    one = tiny_pipe("x", generator=used, num_images_per_prompt=2, **call)
+    assert one.seeds == [None, 4]  # image 1 still draws from a fresh generator seeded 3 + 1
+    np.testing.assert_allclose(result.images[0], tiny_pipe("x", seed=7, **call).images[0], atol=1e-6)
+
+
 def test_output_types(tiny_pipe):
     call = dict(num_inference_steps=2, height=16, width=24, seed=1)
     array = tiny_pipe("x", output_type="np", **call).images
