@@ -1,7 +1,8 @@
 """Speed of `ldm` next to diffusers on the same random weights, printed as one side-by-side table.
 
 Rows: one UNet step (no grad) for an SD1.5-shaped UNet and a small one, in fp32 and under bf16 autocast, then
-one whole 20-step image from a tiny pipeline folder loaded by both packages. Each cell is the median of N timed
+one whole 20-step image from a tiny pipeline folder loaded by both packages, then the demo's work on the embedded
+model `shapes` (loading it; its 14-image English/Japanese grid at the model's recommended settings). Each cell is the median of N timed
 repeats after warm-up; the ratio column is ldm / diffusers (below 1 means ldm is faster). The fp32 UNet rows
 also print the largest output difference, so a fast-but-wrong UNet cannot hide in the table.
 
@@ -198,6 +199,45 @@ def pipeline_row(settings: Settings) -> Row:
                median_seconds(run_theirs, settings, settings.pipeline_repeats), difference)
 
 
+def shapes_rows(settings: Settings) -> list[Row]:
+    """What `ldm demo` times: loading the embedded model, then the grid of ldm.cli.DEMO_PROMPTS (English and
+    Japanese, one seed per column) at its recommended steps and guidance, both packages from the same folder and
+    the same initial latents, so the two columns time the same images."""
+    from diffusers import StableDiffusionPipeline
+
+    from ldm.cli import DEMO_PROMPTS
+    from ldm.loading import EMBEDDED_MODELS
+
+    folder = EMBEDDED_MODELS["shapes"]
+
+    def load_ours():
+        return LatentDiffusionPipeline.from_pretrained("shapes").to(settings.device)
+
+    def load_theirs():  # the files are fp16; ldm computes in fp32, so diffusers is asked for fp32 too
+        return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(settings.device)
+
+    load = Row("load the embedded model shapes", median_seconds(load_ours, settings, settings.pipeline_repeats),
+               median_seconds(load_theirs, settings, settings.pipeline_repeats))
+    ours, theirs = load_ours(), load_theirs()
+    theirs.set_progress_bar_config(disable=True)
+    ours.progress_bar = False
+    english, japanese = zip(*DEMO_PROMPTS)
+    shape = (len(english), ours.latent_channels, ours.unet.config.sample_size, ours.unet.config.sample_size)
+    latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)  # seed per column
+    call = dict(prompt=[*english, *japanese], output_type="pt", **ours.sampling_defaults)
+
+    def run_ours():
+        return ours(latents=latents, **call).images
+
+    def run_theirs():
+        return theirs(latents=latents.to(settings.device), **call).images
+
+    difference = (run_ours().float().cpu() - run_theirs().float().cpu()).abs().max().item()
+    grid = Row(f"shapes demo grid, {latents.shape[0]} images", median_seconds(run_ours, settings,
+               settings.pipeline_repeats), median_seconds(run_theirs, settings, settings.pipeline_repeats), difference)
+    return [load, grid]
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def print_table(rows: list[Row], settings: Settings) -> None:
@@ -243,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = unet_rows("SD1.5", SD15_UNET, settings)
     rows += unet_rows("small", SMALL_UNET, settings)
     rows.append(pipeline_row(settings))
+    rows += shapes_rows(settings)
     print_table(rows, settings)
 
 
