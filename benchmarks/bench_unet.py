@@ -214,7 +214,7 @@ def shapes_rows(settings: Settings) -> list[Row]:
         return LatentDiffusionPipeline.from_pretrained("shapes").to(settings.device)
 
     def load_theirs():  # the files are fp16; ldm computes in fp32, so diffusers is asked for fp32 too
-        return StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32).to(settings.device)
+        return StableDiffusionPipeline.from_pretrained(folder, dtype=torch.float32).to(settings.device)
 
     load = Row("load the embedded model shapes", median_seconds(load_ours, settings, settings.pipeline_repeats),
                median_seconds(load_theirs, settings, settings.pipeline_repeats))
