@@ -2,9 +2,9 @@
 
 Rows: one UNet step (no grad) for an SD1.5-shaped UNet and a small one, in fp32 and under bf16 autocast, then
 one whole 20-step image from a tiny pipeline folder loaded by both packages, then the demo's work on the embedded
-model `shapes` (loading it; its 14-image English/Japanese grid at the model's recommended settings). Each cell is the median of N timed
-repeats after warm-up; the ratio column is ldm / diffusers (below 1 means ldm is faster). The fp32 UNet rows
-also print the largest output difference, so a fast-but-wrong UNet cannot hide in the table.
+model `shapes` (loading it; its 14-image English/Japanese grid at the model's recommended settings). Each cell is
+the median of N timed repeats after warm-up; the ratio column is ldm / diffusers (below 1 means ldm is faster). The
+fp32 rows also print the largest output difference, so a fast-but-wrong model cannot hide in the table.
 
     python benchmarks/bench_unet.py [--quick] [--device cpu|cuda]
 """
@@ -180,22 +180,26 @@ def pipeline_row(settings: Settings) -> Row:
         tiny_pipeline_folder(folder)
         theirs = StableDiffusionPipeline.from_pretrained(folder).to(settings.device)
         ours = LatentDiffusionPipeline.from_pretrained(folder).to(settings.device)
-    theirs.set_progress_bar_config(disable=True)
-    ours.progress_bar = False
     latents = torch.randn(1, 4, LATENT_SIZE, LATENT_SIZE, generator=torch.Generator().manual_seed(0))
     size = LATENT_SIZE * ours.latent_factor
     call = dict(prompt="a red circle", num_inference_steps=PIPELINE_STEPS, guidance_scale=PIPELINE_GUIDANCE,
-                height=size, width=size, output_type="pt")
+                height=size, width=size)
+    return pipeline_pair_row(f"small pipeline, {PIPELINE_STEPS} steps, {size}px", ours, theirs, latents, call, settings)
+
+
+def pipeline_pair_row(name: str, ours, theirs, latents: torch.Tensor, call: dict, settings: Settings) -> Row:
+    """Both pipelines called alike from the same initial latents: their median times and largest image difference."""
+    theirs.set_progress_bar_config(disable=True)
+    ours.progress_bar = False
 
     def run_ours():
-        return ours(latents=latents, **call).images
+        return ours(latents=latents, output_type="pt", **call).images
 
     def run_theirs():
-        return theirs(latents=latents.to(settings.device), **call).images
+        return theirs(latents=latents.to(settings.device), output_type="pt", **call).images
 
     difference = (run_ours().float().cpu() - run_theirs().float().cpu()).abs().max().item()
-    return Row(f"small pipeline, {PIPELINE_STEPS} steps, {size}px",
-               median_seconds(run_ours, settings, settings.pipeline_repeats),
+    return Row(name, median_seconds(run_ours, settings, settings.pipeline_repeats),
                median_seconds(run_theirs, settings, settings.pipeline_repeats), difference)
 
 
@@ -218,24 +222,13 @@ def shapes_rows(settings: Settings) -> list[Row]:
 
     load = Row("load the embedded model shapes", median_seconds(load_ours, settings, settings.pipeline_repeats),
                median_seconds(load_theirs, settings, settings.pipeline_repeats))
-    ours, theirs = load_ours(), load_theirs()
-    theirs.set_progress_bar_config(disable=True)
-    ours.progress_bar = False
+    ours = load_ours()
     english, japanese = zip(*DEMO_PROMPTS)
     shape = (len(english), ours.latent_channels, ours.unet.config.sample_size, ours.unet.config.sample_size)
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0)).repeat(2, 1, 1, 1)  # seed per column
-    call = dict(prompt=[*english, *japanese], output_type="pt", **ours.sampling_defaults)
-
-    def run_ours():
-        return ours(latents=latents, **call).images
-
-    def run_theirs():
-        return theirs(latents=latents.to(settings.device), **call).images
-
-    difference = (run_ours().float().cpu() - run_theirs().float().cpu()).abs().max().item()
-    grid = Row(f"shapes demo grid, {latents.shape[0]} images", median_seconds(run_ours, settings,
-               settings.pipeline_repeats), median_seconds(run_theirs, settings, settings.pipeline_repeats), difference)
-    return [load, grid]
+    call = dict(prompt=[*english, *japanese], **ours.sampling_defaults)
+    return [load, pipeline_pair_row(f"shapes demo grid, {latents.shape[0]} images", ours, load_theirs(), latents,
+                                    call, settings)]
 
 
 # ---------------------------------------------------------------------------------------------------- main
