@@ -72,8 +72,8 @@ def edit(image: Path, text: str, args: argparse.Namespace) -> list[Path]:
         result = pipe(text, image=source, strength=args.strength, guidance_scale=args.guidance, **common)
     else:
         pipe = InstructPix2PixPipeline.from_pretrained(args.model)
-        result = pipe(text, image=source, guidance_scale=args.guidance,
-                      image_guidance_scale=args.image_guidance, **common)
+        result = pipe(text, image=source, guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
+                      num_candidates=args.candidates, **common)
     # one file per input and text; the hash tells texts apart that have no ASCII words (Japanese)
     text_hash = hashlib.sha256(text.encode()).hexdigest()[:6]
     return result.save(args.output, prefix=f"{image.stem}-{slug(text, empty='edit')}-{text_hash}")
@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
                              "per noise level (ldm/relation_gap.py)")
     eval_parser.add_argument("--scenes", type=int, default=64, help="relation_gap task: two-object scenes")
     eval_parser.add_argument("--image-guidance", type=float, default=1.5, help="edit task: image guidance scale")
+    eval_parser.add_argument("--candidates", type=int, default=1,
+                             help="edit task: edits drawn per image, the one the others agree with kept (default 1: "
+                             "the model alone)")
     edit_parser = commands.add_parser("edit", help="edit an image by instruction (or inpaint with --mask, "
                                       "redraw with --strength); writes PNGs with their parameters")
     edit_parser.add_argument("image", type=Path)
@@ -128,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                              help="text guidance scale (default: the model's recommendation, else 7.5)")
     edit_parser.add_argument("--image-guidance", type=float, default=None,
                              help="instructions: image guidance (default: the model's recommendation, else 1.5)")
+    edit_parser.add_argument("--candidates", type=int, default=None,
+                             help="instructions: edits drawn per image, the one the others agree with kept "
+                             "(default: the model's recommendation, else 1)")
     edit_parser.add_argument("--mask-blur", type=float, default=0, help="inpainting: feather the mask (pixels)")
     edit_parser.add_argument("--output", type=Path, default=Path("outputs/edit"))
     convert_parser = commands.add_parser("convert", help="rewrite a model as a diffusers folder or a single file")
@@ -154,7 +160,7 @@ def _run(args: argparse.Namespace) -> None:
 
         model = "shapes-edit" if args.model == "shapes" else args.model
         report = evaluate_edit_model(model, args.steps, args.guidance, args.image_guidance, args.images_per_prompt,
-                                     args.limit or 16)
+                                     args.limit or 16, candidates=args.candidates)
         print(_written(report, args.output).table())
     elif args.command == "eval" and args.task == "relation_gap":
         from ldm.relation_gap import gap_table, relation_gaps

@@ -219,8 +219,11 @@ def evaluate_edits(edit_fn: EditFn, cases: Sequence[EditCase], images_per_case: 
 
 
 def evaluate_edit_model(model: str, steps: int = 20, guidance: float = 7.5, image_guidance: float = 1.5,
-                        images_per_case: int = 1, per_kind: int = 16, progress: bool = True) -> EditReport:
-    """The edit evaluation of an instruction-editing model: an embedded model's name or a diffusers folder."""
+                        images_per_case: int = 1, per_kind: int = 16, progress: bool = True,
+                        candidates: int | None = 1) -> EditReport:
+    """The edit evaluation of an instruction-editing model: an embedded model's name or a diffusers folder.
+    `candidates`: edits drawn per output image, one kept (`ldm.candidates`); 1 scores the model alone, None the
+    model's recommendation."""
     import torch
 
     from ldm.editing import InstructPix2PixPipeline  # here: scoring alone needs no model code
@@ -231,7 +234,7 @@ def evaluate_edit_model(model: str, steps: int = 20, guidance: float = 7.5, imag
     def edit(images, instructions, seeds):
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
         return pipe(list(instructions), image=list(images), num_inference_steps=steps, guidance_scale=guidance,
-                    image_guidance_scale=image_guidance, generator=generators).images
+                    image_guidance_scale=image_guidance, generator=generators, num_candidates=candidates).images
 
     return evaluate_edits(edit, edit_eval_cases(per_kind=per_kind), images_per_case, progress=progress)
 

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from ldm.call_settings import check_setting
+from ldm.candidates import candidate_generators, choose_candidates
 from ldm.guidance import Conditioned, InstructPix2PixGuidance, WithConcatenatedLatents
 from ldm.pipeline import LatentDiffusionPipeline, PipelineOutput, _convert, _generators, _repeat
 from ldm.samplers import TorchNoise
@@ -522,7 +523,8 @@ class InstructPix2PixPipeline(_EditingPipeline):
 
     default_model = "shapes-edit"  # the embedded instruction model, trained from "shapes" on the world's edits
     scheduler_fixes: dict[str, Any] = {}  # diffusers' InstructPix2Pix pipeline uses the scheduler as saved
-    call_defaults = {"num_inference_steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5}
+    call_defaults = {"num_inference_steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5,
+                     "num_candidates": 1, "candidate_source_weight": 0.5}
 
     @classmethod
     def unet_channels(cls, latent_channels: int) -> tuple[int, ...]:
@@ -545,14 +547,21 @@ class InstructPix2PixPipeline(_EditingPipeline):
         callback: Callable | None = None,
         height: int | None = None,
         width: int | None = None,
+        num_candidates: int | None = None,
+        candidate_source_weight: float | None = None,
     ) -> PipelineOutput:
+        """`num_candidates` > 1 draws that many edits per image and returns the one chosen by
+        `ldm.candidates.choose_candidates` (closest to the others, and by `candidate_source_weight` to the input)."""
         # 1. Check inputs and read the image, before any compute.
-        num_inference_steps, guidance_scale, image_guidance_scale = self._with_defaults(
-            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale)
+        num_inference_steps, guidance_scale, image_guidance_scale, num_candidates, candidate_source_weight = (
+            self._with_defaults(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                image_guidance_scale=image_guidance_scale, num_candidates=num_candidates,
+                                candidate_source_weight=candidate_source_weight))
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type)
         check_setting("image_guidance_scale", image_guidance_scale, "(below 1 turns guidance off, as in diffusers)")
+        check_setting("num_candidates", num_candidates, "(edits drawn per image; 1 draws one)")
+        check_setting("candidate_source_weight", candidate_source_weight, "(0 picks the candidates' medoid)")
         images = _open_all(image, "image")
         height, width = self._processing_size(images, height, width, "image")
         pixels = prepare_images(images, height, width) * 2 - 1
@@ -562,25 +571,35 @@ class InstructPix2PixPipeline(_EditingPipeline):
         plan = self._plan(sampler, num_inference_steps)
 
         # 2. The image latents: the posterior's mode, unscaled, as InstructPix2Pix was trained (and diffusers feeds).
+        #    Each image's candidates follow it in the batch, each with a generator of its own.
         encoded = self.vae.encode(pixels.to(self.device, next(self.vae.parameters()).dtype)).mode().float()
         image_latents = _per_image(encoded, len(prompts), num_images_per_prompt, "image")
+        image_latents = image_latents.repeat_interleave(num_candidates, dim=0)
+        per_prompt = num_images_per_prompt * num_candidates
+        drawing = candidate_generators(generators, num_candidates)
 
         # 3. Encode prompts; guidance over (text + image, image, neither) when both scales ask for it (diffusers).
         if guidance_scale > 1.0 and image_guidance_scale >= 1.0:
-            negative, positive = self._encode_pair(prompts, negatives, num_images_per_prompt)
+            negative, positive = self._encode_pair(prompts, negatives, per_prompt)
             net = InstructPix2PixGuidance(self.unet, negative, positive, image_latents, guidance_scale,
                                           image_guidance_scale)
         else:
-            net = Conditioned(WithConcatenatedLatents(self.unet, image_latents),
-                              self._encode(_repeat(prompts, num_images_per_prompt)))
+            net = Conditioned(WithConcatenatedLatents(self.unet, image_latents), self._encode(_repeat(prompts,
+                                                                                                   per_prompt)))
 
-        # 4. Denoise from pure noise, as text-to-image does.
-        noise = TorchNoise(self._latent_shape(batch, height, width), generators)()
-        latents = self._denoise(plan, plan.denoiser(net, dtype=self.dtype), noise, generators, callback)
+        # 4. Denoise from pure noise, as text-to-image does; keep one candidate per image.
+        noise = TorchNoise(self._latent_shape(batch * num_candidates, height, width), drawing)()
+        latents = self._denoise(plan, plan.denoiser(net, dtype=self.dtype), noise, drawing, callback)
+        if num_candidates > 1:
+            candidates = self._decode(latents).unflatten(0, (batch, num_candidates))
+            sources = _per_image(pixels, len(prompts), num_images_per_prompt, "image").to(candidates.device) / 2 + 0.5
+            chosen = choose_candidates(candidates, sources, candidate_source_weight)
+            latents = latents.unflatten(0, (batch, num_candidates))[torch.arange(batch), chosen]
 
         # 5. Decode and convert.
         settings = self._editing_settings(prompts, negatives, num_images_per_prompt, seeds, height=height,
                                           width=width, num_inference_steps=num_inference_steps,
                                           guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-                                          sampler=sampler)
+                                          sampler=sampler, num_candidates=num_candidates,
+                                          candidate_source_weight=candidate_source_weight)
         return self._output(latents, output_type, seeds, settings)

@@ -18,7 +18,8 @@ CALL_ARGUMENTS = ("prompt", "negative_prompt", "height", "width", "num_inference
                   "guidance_rescale", "sampler", "seed")
 # Settings of the editing pipelines (ldm.editing; `pipeline` names the class), arguments of their calls too. The input
 # image and mask are not stored: pass them again with the regenerated arguments.
-EDITING_ARGUMENTS = ("strength", "image_guidance_scale", "mask_blur", "padding_mask_crop", "keep_unmasked")
+EDITING_ARGUMENTS = ("strength", "image_guidance_scale", "mask_blur", "padding_mask_crop", "keep_unmasked",
+                     "num_candidates", "candidate_source_weight")
 
 
 def a1111_parameters(settings: dict[str, Any]) -> str:

@@ -262,6 +262,30 @@ def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(tiny_editing_fo
         torch.testing.assert_close(batch.images[k:k + 1], single, atol=1e-5, rtol=0)
 
 
+def test_candidates_return_the_one_chosen_among_separately_drawn_edits(tiny_editing_folder):
+    from ldm.candidates import CANDIDATE_SEED_STRIDE, choose_candidates
+
+    pipe, _ = loaded(InstructPix2PixPipeline, tiny_editing_folder("pix2pix")[0])
+    call = dict(image=picture(), num_inference_steps=3, output_type="pt", sampler="Euler a", guidance_scale=3.0)
+    plain = pipe("a red circle", seed=10, **call).images
+    torch.testing.assert_close(pipe("a red circle", seed=10, num_candidates=1, **call).images, plain, atol=0, rtol=0)
+    drawn = [pipe("a red circle", generator=torch.Generator().manual_seed((10 + j * CANDIDATE_SEED_STRIDE) % 2**32),
+                  **call).images[0] for j in range(4)]
+    torch.testing.assert_close(drawn[0], plain[0], atol=0, rtol=0)  # candidate 0 is the plain call's image
+    source = torch.from_numpy(np.array(picture().resize(SIZE, Image.LANCZOS))).permute(2, 0, 1) / 255
+    choices = set()
+    for weight in (0.0, 100.0):
+        chosen = int(choose_candidates(torch.stack(drawn)[None], source[None], weight))
+        result = pipe("a red circle", seed=10, num_candidates=4, candidate_source_weight=weight, **call)
+        torch.testing.assert_close(result.images[0], drawn[chosen], atol=1e-5, rtol=0)
+        choices.add(chosen)
+    assert len(choices) == 2  # the source weight changed the choice
+    # image k of a batch with candidates equals a single run with seed + k
+    batch = pipe(["a red circle", "a blue square"], seed=20, num_candidates=3, **call).images
+    torch.testing.assert_close(batch[1:], pipe("a blue square", seed=21, num_candidates=3, **call).images,
+                               atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------------- bad input
 
 class CountingCalls:
@@ -326,6 +350,8 @@ def test_bad_image_and_instruction_input_is_a_clear_error_before_any_compute(tin
         (img2img, dict(image=torch.zeros(1, 4, 12, 16)), r"must be \(3, H, W\) or \(B, 3, H, W\)"),
         (pix2pix, dict(image_guidance_scale=float("nan")), "image_guidance_scale=nan"),
         (pix2pix, dict(image=[picture()] * 2), "got 2 images for 1 prompts"),
+        (pix2pix, dict(num_candidates=0), r"num_candidates=0 must be an integer >= 1 \(edits drawn per image"),
+        (pix2pix, dict(candidate_source_weight=-1), "candidate_source_weight=-1 must be a finite number >= 0"),
     ]
     for pipe, bad, match in cases:
         with CountingCalls(pipe) as counter, pytest.raises(ValueError, match=match):
@@ -371,7 +397,8 @@ def test_png_settings_name_the_editing_options_and_regenerate_the_image(tiny_edi
     cases = [
         (inpaint, dict(mask_image=mask), dict(strength=0.9, mask_blur=1, padding_mask_crop=2, height=8, width=12),
          "Denoising strength: 0.9, Mask blur: 1, Inpaint area: Only masked, Masked area padding: 2"),
-        (pix2pix, {}, dict(image_guidance_scale=1.25), "CFG scale: 5.0, Image CFG scale: 1.25, Seed: 7"),
+        (pix2pix, {}, dict(image_guidance_scale=1.25, num_candidates=3, candidate_source_weight=0.25),
+         "CFG scale: 5.0, Image CFG scale: 1.25, Seed: 7"),
     ]
     for pipe, inputs, options, expected_text in cases:
         result = pipe("a red circle", image=image, num_inference_steps=3, guidance_scale=5.0, seed=7,

@@ -130,7 +130,8 @@ def test_generators_record_their_seed_only_while_it_regenerates_their_image(tiny
     assert [settings["seed"] for settings in result.settings] == [7, None]
     one = tiny_pipe("x", generator=used, num_images_per_prompt=2, **call)
     assert one.seeds == [None, 4]  # image 1 still draws from a fresh generator seeded 3 + 1
-    np.testing.assert_allclose(result.images[0], tiny_pipe("x", seed=7, **call).images[0], atol=1e-6)
+    # a batch of two against one image: the same noise, matmuls blocked differently (1e-6 apart at one thread)
+    np.testing.assert_allclose(result.images[0], tiny_pipe("x", seed=7, **call).images[0], atol=1e-5)
 
 
 def test_output_types(tiny_pipe):
