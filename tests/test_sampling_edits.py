@@ -100,9 +100,10 @@ MODES = {
          (InpaintPipeline, dict(image="other.png", mask_image="mask.png", strength=0.5))]),
     "8-channel model: instruction editing": (
         "pix2pix", dict(image="image.png", sampler="DPM++ 2M"),
-        ["make the circle red", {"prompt": "make it blue", "image_guidance": 1.2}],
+        ["make the circle red", {"prompt": "make it blue", "image_guidance": 1.2, "candidates": 3}],
         [(InstructPix2PixPipeline, dict(image="image.png", sampler="DPM++ 2M")),
-         (InstructPix2PixPipeline, dict(image="image.png", image_guidance_scale=1.2, sampler="DPM++ 2M"))]),
+         (InstructPix2PixPipeline, dict(image="image.png", image_guidance_scale=1.2, num_candidates=3,
+                                        sampler="DPM++ 2M"))]),
 }
 
 
@@ -263,6 +264,8 @@ BAD_INPUTS = [
     ("img2img", dict(image="image.png", strength=[0.5, 1.5]), ["strength=1.5 must be a number in (0, 1]"]),
     ("img2img", dict(image="image.png", image_guidance=-1), ["image_guidance=-1 must be a number >= 0"]),
     ("img2img", dict(image="image.png", keep_unmasked="yes"), ["keep_unmasked='yes' must be true or false"]),
+    ("pix2pix", dict(image="image.png", candidates=0), ["candidates=0 must be an integer >= 1"]),
+    ("img2img", dict(candidates=2), ["candidates=2 needs an image to edit"]),
     ("img2img", dict(image="image.png", mask_blur=2), ["mask_blur=2.0 applies to inpainting only", "give a mask"]),
     ("img2img", dict(strength=0.5), ["strength=0.5 needs an image to edit"]),
     # Checked once the model is loaded, still before any image:
@@ -273,6 +276,8 @@ BAD_INPUTS = [
     ("inpaint", {}, ["is an inpainting model", "cannot do text-to-image"]),
     ("pix2pix", dict(image="image.png", mask="mask.png"), ["instruction-editing model (UNet in_channels=8)",
                                                             "cannot do inpainting", "no mask"]),
+    ("img2img", dict(image="image.png", candidates=2), ["candidates=2 applies to instruction editing",
+                                                        "image-to-image", "in_channels=4"]),
     ("pix2pix", dict(image="image.png", strength=0.5), ["strength=0.5 applies to image-to-image and inpainting",
                                                         "instruction editing", "remove strength"]),
 ]

@@ -9,7 +9,7 @@
 The config (omegaconf YAML plus dotted overrides; fields and defaults in `config.JobConfig`): model, model_config,
 device, dtype, sampler {name, schedule}, steps, guidance, guidance_rescale, width, height, prompts, negative_prompt,
 seeds | seed + images_per_prompt, output, filename, batch_size, grid, on_bad_line, and for editing image, mask,
-strength, image_guidance, mask_blur, keep_unmasked.
+strength, image_guidance, mask_blur, keep_unmasked, candidates.
 
 - Validation comes first. The whole config and every prompt-file line are checked before any model is loaded or
   any file written; sizes the model cannot make are checked once it is loaded, still before any write. An error
@@ -19,8 +19,8 @@ strength, image_guidance, mask_blur, keep_unmasked.
 - Prompts: an inline list, a .txt file (one prompt per non-blank line) or a .jsonl file of
   `{"prompt": ..., "negative_prompt": ..., "seeds"/"seed"/"images_per_prompt": ..., "steps": ..., "guidance": ...,
   "guidance_rescale": ..., "width": ..., "height": ..., "sampler": ..., "image": ..., "mask": ..., "strength": ...,
-  "image_guidance": ..., "mask_blur": ..., "keep_unmasked": ...}`; an item's own fields win over the config's
-  (it may not set a field the config sweeps). A line that cannot be read (not UTF-8, not JSON, a bad field)
+  "image_guidance": ..., "mask_blur": ..., "keep_unmasked": ..., "candidates": ...}`; an item's own fields win over
+  the config's (it may not set a field the config sweeps). A line that cannot be read (not UTF-8, not JSON, a bad field)
   stops the job before any work; with `on_bad_line: record` it is recorded as a failed item instead and the rest
   goes on.
 - Seeds: `seeds: [...]` lists each image's seed; otherwise image k of a prompt has seed `seed + k`, k <

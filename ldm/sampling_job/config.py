@@ -32,7 +32,7 @@ SWEEP_LABELS = {
 }
 MAX_AXES = 3  # X, Y, Z
 # Fields checked and normalised like the sweepable ones, but never a list.
-SINGLE_EDIT_FIELDS = ("image", "mask", "mask_blur", "keep_unmasked")
+SINGLE_EDIT_FIELDS = ("image", "mask", "mask_blur", "keep_unmasked", "candidates")
 
 
 class ConfigError(LdmError, ValueError):
@@ -68,6 +68,7 @@ class JobConfig:
     image_guidance: Any = None      # >= 0: pull towards the input image (instruction editing; a list sweeps)
     mask_blur: float | None = None  # >= 0 pixels: feathers the mask (inpainting)
     keep_unmasked: bool | None = None  # paste the input back where the mask is black (inpainting)
+    candidates: int | None = None   # >= 1: edits drawn per image, the one the others agree with kept (instructions)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ CHECKS: dict[str, Callable[[Any], Any]] = {
     "image_guidance": _optional(lambda v: _number(v, 0.0)),
     "mask_blur": _optional(lambda v: _number(v, 0.0)),
     "keep_unmasked": _optional(_flag),
+    "candidates": _optional(lambda v: _integer(v, 1)),
 }
 
 
