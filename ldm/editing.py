@@ -524,7 +524,7 @@ class InstructPix2PixPipeline(_EditingPipeline):
     default_model = "shapes-edit"  # the embedded instruction model, trained from "shapes" on the world's edits
     scheduler_fixes: dict[str, Any] = {}  # diffusers' InstructPix2Pix pipeline uses the scheduler as saved
     call_defaults = {"num_inference_steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5,
-                     "num_candidates": 1, "candidate_source_weight": 0.5}
+                     "num_candidates": 1, "candidate_source_weight": 1.0}
 
     @classmethod
     def unet_channels(cls, latent_channels: int) -> tuple[int, ...]:

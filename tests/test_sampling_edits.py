@@ -145,6 +145,21 @@ def test_the_edit_example_equals_direct_calls(tiny_editing_folder, tmp_path):
                                 f"{job.items[2].request['image_sha256']}-mask-{job.items[2].request['mask_sha256']}")
 
 
+def test_the_instruction_example_equals_direct_calls(tiny_editing_folder, tmp_path):
+    folder = tiny_editing_folder("pix2pix")[0]
+    overrides = [f"model={folder}", "width=16", "height=16", "steps=2", f"output={tmp_path / 'instructions'}"]
+    assert main(["sample", str(EXAMPLES / "instructions.yaml"), *overrides]) == 0
+    job = load_job(EXAMPLES / "instructions.yaml", overrides)
+    image = str(EXAMPLES / "inputs" / "red-circle-blue-square.png")
+    assert [item.request["candidates"] for item in job.items] == [5, 5, 5, 5, 1, 1]
+    for item in job.items:
+        expected = loaded(InstructPix2PixPipeline, folder)(
+            item.request["prompt"], image=image, sampler="DPM++ 2M", num_inference_steps=2, guidance_scale=7.5,
+            image_guidance_scale=2.5,
+            num_candidates=item.request["candidates"], height=16, width=16, seed=item.request["seed"]).images[0]
+        np.testing.assert_array_equal(pixels(job.output / item.filename), np.asarray(expected))
+
+
 def test_a_relative_input_starts_at_the_file_that_names_it(tiny_editing_folder, inputs, tmp_path_factory,
                                                             monkeypatch):
     lists = inputs / "lists"
