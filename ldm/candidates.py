@@ -7,8 +7,8 @@ near-equals the one that changed the input least keeps the most of it: the choic
 
     mean pixel distance to the other candidates + source_weight * pixel distance to the input image
 
-(mean absolute difference of [0, 1] pixels). Measured on the embedded `shapes-edit` (README): 5 candidates took
-success from 0.878 to 0.893 and preservation from 0.820 to 0.888 at source_weight 0.5.
+(mean absolute difference of [0, 1] pixels). On the embedded `shapes-edit` (README) 5 candidates at source_weight 1
+kept success (0.864 to 0.859) and raised preservation from 0.826 to 0.886 in its edit evaluation.
 """
 
 from __future__ import annotations
