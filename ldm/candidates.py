@@ -33,9 +33,9 @@ def candidate_generators(generators: list[torch.Generator], count: int) -> list[
 def choose_candidates(candidates: torch.Tensor, sources: torch.Tensor, source_weight: float) -> torch.Tensor:
     """Index of the chosen candidate per image: `candidates` (N, K, C, H, W) and `sources` (N, C, H, W) in [0, 1]."""
     count = candidates.shape[1]
-    flat = candidates.flatten(2).float()
     if count == 1:
-        return torch.zeros(candidates.shape[0], dtype=torch.long)
+        return torch.zeros(candidates.shape[0], dtype=torch.long, device=candidates.device)
+    flat = candidates.flatten(2).float()
     between = torch.cdist(flat, flat, p=1) / flat.shape[-1]  # (N, K, K), zero diagonal
     from_source = (flat - sources.flatten(1).float()[:, None]).abs().mean(-1)  # (N, K)
     return (between.sum(-1) / (count - 1) + source_weight * from_source).argmin(-1)

@@ -584,8 +584,8 @@ class InstructPix2PixPipeline(_EditingPipeline):
             net = InstructPix2PixGuidance(self.unet, negative, positive, image_latents, guidance_scale,
                                           image_guidance_scale)
         else:
-            net = Conditioned(WithConcatenatedLatents(self.unet, image_latents), self._encode(_repeat(prompts,
-                                                                                                   per_prompt)))
+            net = Conditioned(WithConcatenatedLatents(self.unet, image_latents),
+                              self._encode(_repeat(prompts, per_prompt)))
 
         # 4. Denoise from pure noise, as text-to-image does; keep one candidate per image.
         noise = TorchNoise(self._latent_shape(batch * num_candidates, height, width), drawing)()
@@ -594,7 +594,7 @@ class InstructPix2PixPipeline(_EditingPipeline):
             candidates = self._decode(latents).unflatten(0, (batch, num_candidates))
             sources = _per_image(pixels, len(prompts), num_images_per_prompt, "image").to(candidates.device) / 2 + 0.5
             chosen = choose_candidates(candidates, sources, candidate_source_weight)
-            latents = latents.unflatten(0, (batch, num_candidates))[torch.arange(batch), chosen]
+            latents = latents.unflatten(0, (batch, num_candidates))[torch.arange(batch, device=chosen.device), chosen]
 
         # 5. Decode and convert.
         settings = self._editing_settings(prompts, negatives, num_images_per_prompt, seeds, height=height,
