@@ -590,11 +590,14 @@ class InstructPix2PixPipeline(_EditingPipeline):
         # 4. Denoise from pure noise, as text-to-image does; keep one candidate per image.
         noise = TorchNoise(self._latent_shape(batch * num_candidates, height, width), drawing)()
         latents = self._denoise(plan, plan.denoiser(net, dtype=self.dtype), noise, drawing, callback)
+        decoded = None  # the chosen candidates' images, decoded once to choose them
         if num_candidates > 1:
             candidates = self._decode(latents).unflatten(0, (batch, num_candidates))
             sources = _per_image(pixels, len(prompts), num_images_per_prompt, "image").to(candidates.device) / 2 + 0.5
             chosen = choose_candidates(candidates, sources, candidate_source_weight)
-            latents = latents.unflatten(0, (batch, num_candidates))[torch.arange(batch, device=chosen.device), chosen]
+            rows = torch.arange(batch, device=chosen.device)
+            latents = latents.unflatten(0, (batch, num_candidates))[rows, chosen]
+            decoded = candidates[rows, chosen]
 
         # 5. Decode and convert.
         settings = self._editing_settings(prompts, negatives, num_images_per_prompt, seeds, height=height,
@@ -602,4 +605,4 @@ class InstructPix2PixPipeline(_EditingPipeline):
                                           guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
                                           sampler=sampler, num_candidates=num_candidates,
                                           candidate_source_weight=candidate_source_weight)
-        return self._output(latents, output_type, seeds, settings)
+        return self._output(latents, output_type, seeds, settings, decoded)

@@ -234,10 +234,13 @@ class LatentDiffusionPipeline:
         """Latents -> images (B, 3, H, W) in [0, 1]."""
         return (self.decoder.decode(latents).float() / 2 + 0.5).clamp(0, 1)
 
-    def _output(self, latents: torch.Tensor, output_type: str, seeds, settings) -> PipelineOutput:
+    def _output(self, latents: torch.Tensor, output_type: str, seeds, settings,
+                decoded: torch.Tensor | None = None) -> PipelineOutput:
+        """`decoded`: the latents' images when the caller has decoded them already."""
         if output_type == "latent":
             return PipelineOutput(latents, seeds, settings)
-        return PipelineOutput(_convert(self._decode(latents), output_type), seeds, settings)
+        images = self._decode(latents) if decoded is None else decoded
+        return PipelineOutput(_convert(images, output_type), seeds, settings)
 
     def _settings(self, prompts, negatives, per_prompt, seeds, *, sampler, **values) -> list[dict]:
         """Everything needed to regenerate each image (see ldm.metadata.regenerate_kwargs)."""

@@ -155,8 +155,8 @@ def test_the_instruction_example_equals_direct_calls(tiny_editing_folder, tmp_pa
     for item in job.items:
         expected = loaded(InstructPix2PixPipeline, folder)(
             item.request["prompt"], image=image, sampler="DPM++ 2M", num_inference_steps=2, guidance_scale=7.5,
-            image_guidance_scale=2.5,
-            num_candidates=item.request["candidates"], height=16, width=16, seed=item.request["seed"]).images[0]
+            image_guidance_scale=2.5, num_candidates=item.request["candidates"], height=16, width=16,
+            seed=item.request["seed"]).images[0]
         np.testing.assert_array_equal(pixels(job.output / item.filename), np.asarray(expected))
 
 
