@@ -116,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--candidates", type=int, default=1,
                              help="edit task: edits drawn per image, the one the others agree with kept (default 1: "
                              "the model alone)")
+    eval_parser.add_argument("--wording", choices=("original", "extended", "unseen"), default="original",
+                             help="edit task: instructions in the original training templates (the reported "
+                             "benchmark), the extended ones, or in words no training template uses (single changes)")
     edit_parser = commands.add_parser("edit", help="edit an image by instruction (or inpaint with --mask, "
                                       "redraw with --strength); writes PNGs with their parameters")
     edit_parser.add_argument("image", type=Path)
@@ -160,7 +163,7 @@ def _run(args: argparse.Namespace) -> None:
 
         model = "shapes-edit" if args.model == "shapes" else args.model
         report = evaluate_edit_model(model, args.steps, args.guidance, args.image_guidance, args.images_per_prompt,
-                                     args.limit or 16, candidates=args.candidates)
+                                     args.limit or 16, candidates=args.candidates, wording=args.wording)
         print(_written(report, args.output).table())
     elif args.command == "eval" and args.task == "relation_gap":
         from ldm.relation_gap import gap_table, relation_gaps

@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ldm.data.edits import (
-    CATEGORIES, LANGUAGES, POSITION_TOLERANCE, Change, Edit, Mention, check_languages, placed, sample_edit,
+    CATEGORIES, LANGUAGES, POSITION_TOLERANCE, TWO_EDITS, Change, Edit, Mention, check_languages, placed,
+    sample_edit, unseen_instructions,
 )
 from ldm.data.shapes import CANVAS, ShapeObject, render
 from ldm.evaluation import DetectedObject, Detection, detect, markdown_table
@@ -33,6 +34,9 @@ from ldm.evaluation import DetectedObject, Detection, detect, markdown_table
 # default_rng([EVAL_STREAM, seed, category, i]): a seed of another length, so no training seed draws their scenes.
 EVAL_STREAM = 0xED17
 METRICS = ("success", "preservation")
+# How the cases word their instructions: the original training templates (the benchmark every reported number
+# uses), the extended ones (`ldm.data.edits.TEMPLATE_SETS`), or words no training template uses.
+WORDINGS = ("original", "extended", "unseen")
 
 
 @dataclass(frozen=True)
@@ -52,18 +56,26 @@ class EditCase:
                 "edit": asdict(self.edit)}
 
 
-def edit_eval_cases(languages: Sequence[str] = LANGUAGES, per_kind: int = 16, seed: int = 0) -> list[EditCase]:
+def edit_eval_cases(languages: Sequence[str] = LANGUAGES, per_kind: int = 16, seed: int = 0,
+                    wording: str = "original") -> list[EditCase]:
     """`per_kind` edits of every category (CATEGORIES), each asked in every language: the same edits, so languages
-    compare like for like. Case i takes phrasing i of its edit's list, so the phrasings take turns."""
+    compare like for like. Case i takes phrasing i of its edit's list, so the phrasings take turns: the list of a
+    training template set (WORDINGS), or with wording="unseen" phrasings no template produces
+    (`unseen_instructions`; one change per edit, so two-edit instructions are left out)."""
     languages = check_languages(languages)
     if per_kind < 1:
         raise ValueError(f"per_kind={per_kind} must be at least 1")
+    if wording not in WORDINGS:
+        raise ValueError(f"unknown wording {wording!r}; choose one of {WORDINGS}")
     cases = []
     for number, category in enumerate(CATEGORIES):
+        if wording == "unseen" and category == TWO_EDITS:
+            continue
         for i in range(per_kind):
             edit = sample_edit(np.random.default_rng([EVAL_STREAM, seed, number, i]), category)
             for language in languages:
-                texts = edit.instructions((language,))
+                texts = (unseen_instructions(edit.changes[0], language) if wording == "unseen"
+                         else edit.instructions((language,), wording))
                 cases.append(EditCase(edit, language, texts[i % len(texts)]))
     return cases
 
@@ -220,10 +232,11 @@ def evaluate_edits(edit_fn: EditFn, cases: Sequence[EditCase], images_per_case: 
 
 def evaluate_edit_model(model: str, steps: int = 20, guidance: float = 7.5, image_guidance: float = 1.5,
                         images_per_case: int = 1, per_kind: int = 16, progress: bool = True,
-                        candidates: int | None = 1) -> EditReport:
+                        candidates: int | None = 1, wording: str = "original") -> EditReport:
     """The edit evaluation of an instruction-editing model: an embedded model's name or a diffusers folder.
     `candidates`: edits drawn per output image, one kept (`ldm.candidates`); 1 scores the model alone, None the
-    model's recommendation."""
+    model's recommendation. `wording`: how the instructions are worded (WORDINGS, `edit_eval_cases`)."""
+    cases = edit_eval_cases(per_kind=per_kind, wording=wording)  # checked before the model loads
     import torch
 
     from ldm.editing import InstructPix2PixPipeline  # here: scoring alone needs no model code
@@ -236,7 +249,7 @@ def evaluate_edit_model(model: str, steps: int = 20, guidance: float = 7.5, imag
         return pipe(list(instructions), image=list(images), num_inference_steps=steps, guidance_scale=guidance,
                     image_guidance_scale=image_guidance, generator=generators, num_candidates=candidates).images
 
-    return evaluate_edits(edit, edit_eval_cases(per_kind=per_kind), images_per_case, progress=progress)
+    return evaluate_edits(edit, cases, images_per_case, progress=progress)
 
 
 @dataclass(frozen=True)

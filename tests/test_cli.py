@@ -121,6 +121,14 @@ def test_edit_eval_scores_every_category_in_both_languages(tiny_editing_folder, 
     assert "success EN" in table and "preservation JA" in table
 
 
+def test_edit_eval_in_unseen_wording_leaves_two_edit_instructions_out(tiny_editing_folder, capsys):
+    folder = str(tiny_editing_folder("pix2pix")[0])
+    assert main(["eval", "--task", "edit", "--model", folder, "--steps", "1", "--limit", "1",
+                 "--images-per-prompt", "1", "--wording", "unseen"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
+    assert rows["two_edits"].count("–") == 6 and "–" not in rows["recolor"]
+
+
 def test_each_instruction_gets_its_own_file(tiny_editing_folder, picture, tmp_path, capsys):
     folder = str(tiny_editing_folder("pix2pix")[0])
     for text in ("丸を青くして", "背景を黒にして"):

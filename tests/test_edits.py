@@ -2,6 +2,7 @@
 geometry the world allows, and a scorer that passes the ground truth (also blurred) and fails the unedited image,
 damaged bystanders, extra objects and botched changes, each on the right count."""
 
+import hashlib
 import json
 from collections import Counter
 from dataclasses import replace
@@ -12,7 +13,7 @@ from PIL import ImageFilter
 
 from ldm.data.edits import (
     CATEGORIES, KINDS, LANGUAGES, MENTION_ATTRIBUTES, MIN_MOVE, RELATION_MARGIN, TWO_EDITS, Change, Edit,
-    EditDataset, Mention, OppositeDirection, instructions, placed, sample_edit,
+    EditDataset, Mention, OppositeDirection, instructions, placed, sample_edit, unseen_instructions,
 )
 from ldm.data.shapes import (
     BACKGROUNDS, CANVAS, COLORS, HELD_OUT, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset,
@@ -197,10 +198,53 @@ def test_evaluation_cases_are_paired_across_languages_and_unseen_in_training():
     assert [c.edit for c in english] == [c.edit for c in japanese] and {c.language for c in japanese} == {"ja"}
     assert Counter(c.category for c in english) == {category: 3 for category in CATEGORIES}
     assert cases == edit_eval_cases(per_kind=3) and cases != edit_eval_cases(per_kind=3, seed=1)
-    assert all(c.instruction in c.edit.instructions((c.language,)) for c in cases)
+    assert all(c.instruction in c.edit.instructions((c.language,), "original") for c in cases)
     training_scenes = {scene for edit in EDITS for scene in (edit.source, edit.target)}
     training_scenes |= {ShapesDataset(seed=0).scene(index) for index in range(1500)}
     assert training_scenes.isdisjoint(scene for c in cases for scene in (c.edit.source, c.edit.target))
+
+
+def test_the_original_templates_still_word_edits_as_the_first_edit_models_read_them():
+    """Golden: sha256 of the instruction lists of 280 edits, taken from the code before the templates were extended
+    (commit 0394144). The edit benchmark and the recipes of the earlier training parts rest on those lists."""
+    texts = [sample_edit(np.random.default_rng([5, i]), category).instructions(templates="original")
+             for category in CATEGORIES for i in range(40)]
+    digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode()).hexdigest()
+    assert digest == "c61b2051cc3b1d8837737c190e04953ea79510c70333327975417e840d35039f"
+    extended = [sample_edit(np.random.default_rng([5, i]), category).instructions()
+                for category in KINDS for i in range(40)]
+    assert all(set(old) < set(new) for old, new in zip(texts, extended))  # two edits pair templates by index
+    with pytest.raises(ValueError, match="templates"):
+        EditDataset(templates="newest")
+
+
+def test_unseen_wordings_are_no_training_phrasing_and_name_their_change_alone():
+    """No training template words any change of the scene the way an unseen wording does, and each unseen wording
+    belongs to one change: the evaluation asks for the same edits in words the model never read."""
+    edits = [sample_edit(np.random.default_rng([11, i]), category) for category in KINDS for i in range(3)]
+    for edit in edits:
+        changes = every_change(edit.source)
+        for language in LANGUAGES:
+            trained = {text for change in changes for text in instructions([change], language)}
+            readings: dict[str, set[Change]] = {}
+            for change in changes:
+                for text in unseen_instructions(change, language):
+                    readings.setdefault(text, set()).add(change)
+            assert trained.isdisjoint(readings)
+            assert all(readings[text] == {change} for change in edit.changes
+                       for text in unseen_instructions(change, language))
+
+
+def test_unseen_wording_cases_ask_for_the_same_single_edits_in_other_words():
+    trained, unseen = edit_eval_cases(per_kind=3), edit_eval_cases(per_kind=3, wording="unseen")
+    single = [case for case in trained if case.category != TWO_EDITS]
+    assert [(c.edit, c.language) for c in unseen] == [(c.edit, c.language) for c in single]
+    assert all(c.instruction in unseen_instructions(c.edit.changes[0], c.language) for c in unseen)
+    assert len({c.instruction for c in unseen}) == len(unseen)
+    with pytest.raises(ValueError, match="wording"):
+        edit_eval_cases(wording="paraphrased")
+    with pytest.raises(ValueError, match="language"):
+        unseen_instructions(unseen[0].edit.changes[0], "fr")
 
 
 @pytest.mark.parametrize("canvas, blur_radius", [(64, 0.0), (64, 1.0), (128, 0.8)])

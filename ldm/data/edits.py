@@ -121,9 +121,10 @@ class Edit:
         touched = {self.named(change.subject) for change in self.changes}
         return tuple(obj for obj in self.source.objects if obj not in touched)
 
-    def instructions(self, languages: Sequence[str] = LANGUAGES) -> list[str]:
+    def instructions(self, languages: Sequence[str] = LANGUAGES, templates: str = "extended") -> list[str]:
         """Every phrasing in each language, in that order (a dataset item's instruction list)."""
-        return [text for language in check_languages(languages) for text in instructions(self.changes, language)]
+        return [text for language in check_languages(languages)
+                for text in instructions(self.changes, language, templates)]
 
 
 def check_languages(languages: Sequence[str]) -> tuple[str, ...]:
@@ -391,20 +392,40 @@ def _words(mention: Mention) -> int:
 
 EN_SIDES = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}
 EN_RESIZE = {"large": ("bigger", "enlarge"), "small": ("smaller", "shrink")}  # comparative, verb
+EN_RESIZE_MORE = {"large": ("larger", "big", "scale up", "increase"), "small": ("tiny", "little", "scale down", "reduce")}
 JA_RESIZE = {"large": "拡大", "small": "縮小"}
-EN_REQUESTS = ("{}", "please {}", "can you {}?")
-JA_REQUESTS = ("{}", "{}ください", "{}くれる？")  # after a te-form: して -> してください, してくれる？
+# Verbs beyond the first three of each kind: users word requests many ways, and a word no instruction used in
+# training reaches the model only as sub-word pieces it never learnt to read.
+EN_REMOVE = ("remove", "delete", "get rid of", "erase", "take out", "take away", "eliminate")
+EN_MOVE = ("drag", "slide", "bring", "relocate")
+EN_ADD = ("insert", "include", "create", "place")
+JA_REMOVE = ("消して", "削除して", "取り除いて", "消去して", "なくして", "取って", "消し去って")
+JA_ADD = ("加えて", "入れて", "描き足して", "新しく描いて")
+EN_REQUESTS = ("{}", "please {}", "can you {}?", "could you {}?", "{}, please")
+JA_REQUESTS = ("{}", "{}ください", "{}くれる？", "{}もらえる？", "{}ほしい")  # after a te-form: して -> してください
+# The templates the first edit models trained on ("original"), before the verbs and request forms above were added
+# ("extended"): the first four recolour and background templates, the first three of the other kinds and of the
+# request forms. The edit evaluation's benchmark cases keep them, so its numbers compare across models.
+TEMPLATE_SETS = ("original", "extended")
+_ORIGINAL_TEMPLATES = {"recolor": 4, "background": 4, "resize": 3, "remove": 3, "move": 3, "add": 3}
+_ORIGINAL_REQUESTS = 3
 
 
-def instructions(changes: Sequence[Change], language: str) -> list[str]:
+def instructions(changes: Sequence[Change], language: str, templates: str = "extended") -> list[str]:
     """Every phrasing of the changes in one language: each clause template in turn (two changes take the same
-    template index), in each request form. Both languages have as many templates per kind, so as many phrasings."""
+    template index), in each request form. Both languages have as many templates per kind, so as many phrasings.
+    `templates`: "extended", or the "original" subset (TEMPLATE_SETS)."""
     if language not in LANGUAGES:
         raise ValueError(f"unknown language {language!r}; choose one of {LANGUAGES}")
+    if templates not in TEMPLATE_SETS:
+        raise ValueError(f"unknown templates {templates!r}; choose one of {TEMPLATE_SETS}")
+    original = templates == "original"
     clauses = [(_english_clauses if language == "en" else _japanese_clauses)(change) for change in changes]
+    if original:
+        clauses = [options[:_ORIGINAL_TEMPLATES[change.kind]] for options, change in zip(clauses, changes)]
     bodies = [_join([options[i % len(options)] for options in clauses], language)
               for i in range(max(map(len, clauses)))]
-    requests = EN_REQUESTS if language == "en" else JA_REQUESTS
+    requests = (EN_REQUESTS if language == "en" else JA_REQUESTS)[:_ORIGINAL_REQUESTS if original else None]
     return list(dict.fromkeys(request.format(body) for request in requests for body in bodies))
 
 
@@ -423,21 +444,25 @@ def _english_clauses(change: Change) -> list[tuple[str, str]]:
     named = _named(change, "en")
     if kind in ("recolor", "background"):
         return [("make", f"{named} {value}"), ("turn", f"{named} {value}"), ("change", f"{named} to {value}"),
-                ("paint", f"{named} {value}")]
+                ("paint", f"{named} {value}"), ("color", f"{named} {value}"), ("recolor", f"{named} {value}"),
+                ("set", f"{named} to {value}"), ("change", f"the color of {named} to {value}")]
     if kind == "resize":
         comparative, verb = EN_RESIZE[value]
-        return [("make", f"{named} {value}"), ("make", f"{named} {comparative}"), (verb, named)]
+        adjective, plain, verb_up, verb_size = EN_RESIZE_MORE[value]
+        return [("make", f"{named} {value}"), ("make", f"{named} {comparative}"), (verb, named),
+                ("make", f"{named} {adjective}"), ("make", f"{named} {plain}"), (verb_up, named),
+                (verb_size, f"the size of {named}")]
     if kind == "remove":
-        return [(verb, named) for verb in ("remove", "delete", "get rid of")]
+        return [(verb, named) for verb in EN_REMOVE]
     if kind == "move" and change.reference is None:
         side = EN_SIDES[change.where]
         return [("move", f"{named} to the {side}"), ("shift", f"{named} to the {side}"),
-                ("put", f"{named} {_english_place(change)}")]
+                ("put", f"{named} {_english_place(change)}"), *((verb, f"{named} to the {side}") for verb in EN_MOVE)]
     if kind == "move":
-        return [(verb, f"{named} {_english_place(change)}") for verb in ("move", "put", "place")]
+        return [(verb, f"{named} {_english_place(change)}") for verb in ("move", "put", "place", *EN_MOVE)]
     if change.where is None:
-        return [("add", named), ("draw", named), ("put in", named)]
-    return [(verb, f"{named} {_english_place(change)}") for verb in ("add", "draw", "put")]
+        return [(verb, named) for verb in ("add", "draw", "put in", *EN_ADD)]
+    return [(verb, f"{named} {_english_place(change)}") for verb in ("add", "draw", "put", *EN_ADD)]
 
 
 def _japanese_clauses(change: Change) -> list[str]:
@@ -449,21 +474,83 @@ def _japanese_clauses(change: Change) -> list[str]:
         noun = _ja_noun(adjective)
         # i-adjective colours say both 青くして and 青にして; the others only 緑にして, so they get another form
         fourth = f"{named}を{noun}にして" if adjective.endswith("い") else f"{named}の色を{noun}に変えて"
+        # 青 -> 青色; 黄色 and 灰色 say it already, and 灰色にして / 黄色にして are taken, so those are dyed instead
+        colour = noun if noun.endswith("色") else f"{noun}色"
+        fifth = f"{named}を{noun}に染めて" if colour == noun else f"{named}を{colour}にして"
         return [f"{named}を{_ja_adverb(adjective)}して", f"{named}を{noun}に変えて", f"{named}の色を{noun}にして",
-                fourth]
+                fourth, fifth, f"{named}を{noun}に塗って", f"{named}の色を{noun}に変更して",
+                f"{named}を{colour}に塗り替えて"]
     if kind == "resize":
-        adverb = _ja_adverb(JA_SIZES[value])
-        return [f"{named}を{adverb}して", f"{named}のサイズを{adverb}して", f"{named}を{JA_RESIZE[value]}して"]
+        adjective = JA_SIZES[value]
+        adverb = _ja_adverb(adjective)
+        return [f"{named}を{adverb}して", f"{named}のサイズを{adverb}して", f"{named}を{JA_RESIZE[value]}して",
+                f"{named}の大きさを{adverb}して", f"{named}をもっと{adverb}して", f"{named}を{adjective}サイズにして",
+                f"{named}を{adjective[:-1]}めにして"]
     if kind == "remove":
-        return [f"{named}を{verb}" for verb in ("消して", "削除して", "取り除いて")]
+        return [f"{named}を{verb}" for verb in JA_REMOVE]
     if kind == "add" and change.where is None:
-        return [f"{named}を{verb}" for verb in ("追加して", "描いて", "足して")]
+        return [f"{named}を{verb}" for verb in ("追加して", "描いて", "足して", *JA_ADD)]
     place = _japanese_place(change)
     if kind == "move" and change.reference is None:
-        return [f"{named}を{place}に動かして", f"{named}を{place}側に移動して", f"{named}を{place}に寄せて"]
+        return [f"{named}を{place}に動かして", f"{named}を{place}側に移動して", f"{named}を{place}に寄せて",
+                f"{named}を{place}へ動かして", f"{named}を{place}に移して", f"{named}を{place}へ移動させて",
+                f"{named}を{place}に持っていって"]
     if kind == "move":
-        return [f"{named}を{place}に{verb}" for verb in ("動かして", "移動して", "置いて")]
-    return [f"{place}に{named}を{verb}" for verb in ("追加して", "描いて", "置いて")]
+        return [f"{named}を{place}に{verb}" for verb in ("動かして", "移動して", "置いて", "移して", "持っていって")] + \
+            [f"{named}を{place}へ{verb}" for verb in ("動かして", "移動させて")]
+    return [f"{place}に{named}を{verb}" for verb in ("追加して", "描いて", "置いて", *JA_ADD)]
+
+
+def unseen_instructions(change: Change, language: str) -> list[str]:
+    """Phrasings of one change that no training template produces: other verbs ("wipe out", "carry", "sketch"),
+    other constructions ("the circle should be blue") and other particles and endings ("白へ変えて", "消しちゃって").
+    The edit evaluation asks with them (`wording="unseen"`) to measure how a model copes with words it never read;
+    keep them out of the training templates, or that measure is lost."""
+    if language not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; choose one of {LANGUAGES}")
+    return (_unseen_english if language == "en" else _unseen_japanese)(change)
+
+
+def _unseen_english(change: Change) -> list[str]:
+    kind, value, named = change.kind, change.value, _named(change, "en")
+    if kind in ("recolor", "background"):
+        return [f"{named} should be {value}", f"i want {named} in {value}", f"give {named} a {value} color",
+                f"fill {named} with {value}"]
+    if kind == "resize":
+        if value == "large":
+            return [f"{named} should be bigger", f"make {named} huge", f"grow {named}", f"make {named} a bit bigger"]
+        return [f"{named} should be smaller", f"minimize {named}", f"shrink down {named}",
+                f"make {named} a bit smaller"]
+    if kind == "remove":
+        return [f"clear {named}", f"drop {named}", f"wipe out {named}", f"make {named} disappear"]
+    if kind == "move":
+        place = f"to the {EN_SIDES[change.where]}" if change.reference is None else _english_place(change)
+        return [f"move {named} over {place}", f"push {named} {place}", f"carry {named} {place}",
+                f"{named} should go {place}"]
+    place = "" if change.where is None else f" {_english_place(change)}"
+    return [f"also add {named}{place}", f"paint {named}{place}", f"sketch {named}{place}",
+            f"there should be {named}{place}"]
+
+
+def _unseen_japanese(change: Change) -> list[str]:
+    kind, value, named = change.kind, change.value, _named(change, "ja")
+    if kind in ("recolor", "background"):
+        noun = _ja_noun(JA_BACKGROUNDS[value] if kind == "background" else JA_COLORS[value])
+        return [f"{named}の色を{noun}へ変えて", f"{named}を{noun}へ変えて", f"{named}を{noun}で塗って",
+                f"{named}の色は{noun}にして"]
+    if kind == "resize":
+        adjective = JA_SIZES[value]
+        adverb, stem = _ja_adverb(adjective), adjective[:-1]
+        return [f"{named}をより{adverb}して", f"{named}のサイズを{stem}めにして", f"{named}を少し{adverb}して",
+                f"{named}の大きさを{stem}めにして"]
+    if kind == "remove":
+        return [f"{named}を{verb}" for verb in ("除いて", "消しちゃって", "削って", "なくしてしまって")]
+    if kind == "move":
+        place = _japanese_place(change)
+        return [f"{named}を{place}にずらして", f"{named}を{place}の方に動かして", f"{named}を{place}の方へ移動して",
+                f"{named}を{place}に移動させて"]
+    place = "" if change.where is None else f"{_japanese_place(change)}に"
+    return [f"{place}{named}を{verb}" for verb in ("描き加えて", "ひとつ追加して", "足してみて", "一つ描いて")]
 
 
 def _named(change: Change, language: str) -> str:
@@ -529,13 +616,15 @@ class OppositeDirection:
 class EditDataset(torch.utils.data.Dataset):
     """Edit i is a pure function of (seed, i), rendered on the fly like `ShapesDataset`'s scenes.
 
-    Items are {"source", "target": (3, size, size) in [-1, 1], "instructions": every phrasing in `languages`,
-    "kinds": the kinds of its changes}, the format the instruct_edit training stage reads.
+    Items are {"source", "target": (3, size, size) in [-1, 1], "instructions": every phrasing in `languages`
+    from the `templates` set, "kinds": the kinds of its changes}, the format the instruct_edit training stage reads.
     """
 
     def __init__(self, length: int = 100_000, size: int = CANVAS, seed: int = 0,
-                 languages: Sequence[str] = LANGUAGES, held_out: frozenset = HELD_OUT):
-        self.length, self.size, self.seed = length, size, seed
+                 languages: Sequence[str] = LANGUAGES, held_out: frozenset = HELD_OUT, templates: str = "extended"):
+        if templates not in TEMPLATE_SETS:
+            raise ValueError(f"unknown templates {templates!r}; choose one of {TEMPLATE_SETS}")
+        self.length, self.size, self.seed, self.templates = length, size, seed, templates
         self.languages, self.held_out = check_languages(languages), frozenset(map(tuple, held_out))
         unknown = {pair for pair in self.held_out if pair[0] not in COLORS or pair[1] not in SHAPES}
         if unknown:
@@ -551,4 +640,4 @@ class EditDataset(torch.utils.data.Dataset):
         edit = self.edit(index)
         return {"source": to_tensor(render(edit.source, self.size)),
                 "target": to_tensor(render(edit.target, self.size)),
-                "instructions": edit.instructions(self.languages), "kinds": edit.kinds}
+                "instructions": edit.instructions(self.languages, self.templates), "kinds": edit.kinds}
