@@ -392,7 +392,8 @@ def _words(mention: Mention) -> int:
 
 EN_SIDES = {"left of": "left", "right of": "right", "above": "top", "below": "bottom"}
 EN_RESIZE = {"large": ("bigger", "enlarge"), "small": ("smaller", "shrink")}  # comparative, verb
-EN_RESIZE_MORE = {"large": ("larger", "big", "scale up", "increase"), "small": ("tiny", "little", "scale down", "reduce")}
+EN_RESIZE_MORE = {"large": ("larger", "big", "scale up", "increase"),  # adjective, plain word, verb, "... the size of"
+                  "small": ("tiny", "little", "scale down", "reduce")}
 JA_RESIZE = {"large": "拡大", "small": "縮小"}
 # Verbs beyond the first three of each kind: users word requests many ways, and a word no instruction used in
 # training reaches the model only as sub-word pieces it never learnt to read.
