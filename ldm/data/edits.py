@@ -133,6 +133,11 @@ def check_languages(languages: Sequence[str]) -> tuple[str, ...]:
     return tuple(languages)
 
 
+def _check_one_of(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {choices}")
+
+
 # ------------------------------------------------------------------------------------------------- placement
 
 def side_depth(obj, where: str) -> float:
@@ -416,10 +421,8 @@ def instructions(changes: Sequence[Change], language: str, templates: str = "ext
     """Every phrasing of the changes in one language: each clause template in turn (two changes take the same
     template index), in each request form. Both languages have as many templates per kind, so as many phrasings.
     `templates`: "extended", or the "original" subset (TEMPLATE_SETS)."""
-    if language not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}; choose one of {LANGUAGES}")
-    if templates not in TEMPLATE_SETS:
-        raise ValueError(f"unknown templates {templates!r}; choose one of {TEMPLATE_SETS}")
+    _check_one_of("language", language, LANGUAGES)
+    _check_one_of("templates", templates, TEMPLATE_SETS)
     original = templates == "original"
     clauses = [(_english_clauses if language == "en" else _japanese_clauses)(change) for change in changes]
     if original:
@@ -507,8 +510,7 @@ def unseen_instructions(change: Change, language: str) -> list[str]:
     other constructions ("the circle should be blue") and other particles and endings ("白へ変えて", "消しちゃって").
     The edit evaluation asks with them (`wording="unseen"`) to measure how a model copes with words it never read;
     keep them out of the training templates, or that measure is lost."""
-    if language not in LANGUAGES:
-        raise ValueError(f"unknown language {language!r}; choose one of {LANGUAGES}")
+    _check_one_of("language", language, LANGUAGES)
     return (_unseen_english if language == "en" else _unseen_japanese)(change)
 
 
@@ -623,8 +625,7 @@ class EditDataset(torch.utils.data.Dataset):
 
     def __init__(self, length: int = 100_000, size: int = CANVAS, seed: int = 0,
                  languages: Sequence[str] = LANGUAGES, held_out: frozenset = HELD_OUT, templates: str = "extended"):
-        if templates not in TEMPLATE_SETS:
-            raise ValueError(f"unknown templates {templates!r}; choose one of {TEMPLATE_SETS}")
+        _check_one_of("templates", templates, TEMPLATE_SETS)
         self.length, self.size, self.seed, self.templates = length, size, seed, templates
         self.languages, self.held_out = check_languages(languages), frozenset(map(tuple, held_out))
         unknown = {pair for pair in self.held_out if pair[0] not in COLORS or pair[1] not in SHAPES}
