@@ -33,12 +33,10 @@ CALL_SETTINGS = {
     "mask_blur": (_is_scale, "a radius in pixels >= 0 (0: no blur)"),
     "padding_mask_crop": (_is_optional_pixels, "None or pixels >= 0 around the mask"),
     "num_candidates": (_is_count, "an integer >= 1"),
-    "candidate_source_weight": (_is_scale, "a finite number >= 0"),
 }
 
 # The settings a model may recommend (the number of images is the caller's business).
-RECOMMENDABLE = ("num_inference_steps", "guidance_scale", "image_guidance_scale", "num_candidates",
-                 "candidate_source_weight")
+RECOMMENDABLE = ("num_inference_steps", "guidance_scale", "image_guidance_scale", "num_candidates")
 
 
 def setting_problem(name: str, value: Any) -> str | None:

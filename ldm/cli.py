@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser.add_argument("--scenes", type=int, default=64, help="relation_gap task: two-object scenes")
     eval_parser.add_argument("--image-guidance", type=float, default=1.5, help="edit task: image guidance scale")
     eval_parser.add_argument("--candidates", type=int, default=1,
-                             help="edit task: edits drawn per image, the one the others agree with kept (default 1: "
-                             "the model alone)")
+                             help="images drawn per scored image, the one its prompt (or instruction) fits best "
+                             "kept (ldm/candidates.py); default 1, the plain draw")
     eval_parser.add_argument("--wording", choices=("original", "extended", "unseen"), default="original",
                              help="edit task: instructions in the original training templates (the reported "
                              "benchmark), the extended ones, or in words no training template uses (single changes)")
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     edit_parser.add_argument("--image-guidance", type=float, default=None,
                              help="instructions: image guidance (default: the model's recommendation, else 1.5)")
     edit_parser.add_argument("--candidates", type=int, default=None,
-                             help="instructions: edits drawn per image, the one the others agree with kept "
+                             help="instructions: edits drawn per image, the one the instruction fits best kept "
                              "(default: the model's recommendation, else 1)")
     edit_parser.add_argument("--mask-blur", type=float, default=0, help="inpainting: feather the mask (pixels)")
     edit_parser.add_argument("--output", type=Path, default=Path("outputs/edit"))
@@ -172,7 +172,8 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "eval":
         from ldm.evaluation import evaluate_model
 
-        report = evaluate_model(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit)
+        report = evaluate_model(args.model, args.steps, args.guidance, args.images_per_prompt, args.limit,
+                                candidates=args.candidates)
         print(_written(report, args.output).table())
     elif args.command == "edit":
         for path in edit(args.image, args.text, args):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 from ldm.call_settings import check_setting
-from ldm.candidates import candidate_generators, choose_candidates
+from ldm.candidates import candidate_generators
 from ldm.guidance import Conditioned, InstructPix2PixGuidance, WithConcatenatedLatents
 from ldm.pipeline import LatentDiffusionPipeline, PipelineOutput, _convert, _generators, _repeat
 from ldm.samplers import TorchNoise
@@ -524,7 +524,7 @@ class InstructPix2PixPipeline(_EditingPipeline):
     default_model = "shapes-edit"  # the embedded instruction model, trained from "shapes" on the world's edits
     scheduler_fixes: dict[str, Any] = {}  # diffusers' InstructPix2Pix pipeline uses the scheduler as saved
     call_defaults = {"num_inference_steps": 100, "guidance_scale": 7.5, "image_guidance_scale": 1.5,
-                     "num_candidates": 1, "candidate_source_weight": 1.0}
+                     "num_candidates": 1}
 
     @classmethod
     def unet_channels(cls, latent_channels: int) -> tuple[int, ...]:
@@ -548,20 +548,17 @@ class InstructPix2PixPipeline(_EditingPipeline):
         height: int | None = None,
         width: int | None = None,
         num_candidates: int | None = None,
-        candidate_source_weight: float | None = None,
     ) -> PipelineOutput:
-        """`num_candidates` > 1 draws that many edits per image and returns the one chosen by
-        `ldm.candidates.choose_candidates` (closest to the others, and by `candidate_source_weight` to the input)."""
+        """`num_candidates` > 1 draws that many edits per image and returns the one the instruction explains best
+        in the model's own judgement, the input image seen either way (`ldm.candidates.prompt_fit`)."""
         # 1. Check inputs and read the image, before any compute.
-        num_inference_steps, guidance_scale, image_guidance_scale, num_candidates, candidate_source_weight = (
-            self._with_defaults(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                image_guidance_scale=image_guidance_scale, num_candidates=num_candidates,
-                                candidate_source_weight=candidate_source_weight))
+        num_inference_steps, guidance_scale, image_guidance_scale, num_candidates = self._with_defaults(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale, num_candidates=num_candidates)
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type)
         check_setting("image_guidance_scale", image_guidance_scale, "(below 1 turns guidance off, as in diffusers)")
         check_setting("num_candidates", num_candidates, "(edits drawn per image; 1 draws one)")
-        check_setting("candidate_source_weight", candidate_source_weight, "(0 picks the candidates' medoid)")
         images = _open_all(image, "image")
         height, width = self._processing_size(images, height, width, "image")
         pixels = prepare_images(images, height, width) * 2 - 1
@@ -590,19 +587,13 @@ class InstructPix2PixPipeline(_EditingPipeline):
         # 4. Denoise from pure noise, as text-to-image does; keep one candidate per image.
         noise = TorchNoise(self._latent_shape(batch * num_candidates, height, width), drawing)()
         latents = self._denoise(plan, plan.denoiser(net, dtype=self.dtype), noise, drawing, callback)
-        decoded = None  # the chosen candidates' images, decoded once to choose them
         if num_candidates > 1:
-            candidates = self._decode(latents).unflatten(0, (batch, num_candidates))
-            sources = _per_image(pixels, len(prompts), num_images_per_prompt, "image").to(candidates.device) / 2 + 0.5
-            chosen = choose_candidates(candidates, sources, candidate_source_weight)
-            rows = torch.arange(batch, device=chosen.device)
-            latents = latents.unflatten(0, (batch, num_candidates))[rows, chosen]
-            decoded = candidates[rows, chosen]
+            latents = self._best_fitting(plan, latents, prompts, negatives, per_prompt, generators,
+                                         WithConcatenatedLatents(self.unet, image_latents))
 
         # 5. Decode and convert.
         settings = self._editing_settings(prompts, negatives, num_images_per_prompt, seeds, height=height,
                                           width=width, num_inference_steps=num_inference_steps,
                                           guidance_scale=guidance_scale, image_guidance_scale=image_guidance_scale,
-                                          sampler=sampler, num_candidates=num_candidates,
-                                          candidate_source_weight=candidate_source_weight)
-        return self._output(latents, output_type, seeds, settings, decoded)
+                                          sampler=sampler, num_candidates=num_candidates)
+        return self._output(latents, output_type, seeds, settings)

@@ -452,9 +452,11 @@ def evaluate(generate: Generate, prompts: Sequence[EvalPrompt], images_per_promp
 
 
 def evaluate_model(model: str, steps: int = 20, guidance: float = 5.0, images_per_prompt: int = 4,
-                   limit: int | None = None, progress: bool = True) -> EvalReport:
+                   limit: int | None = None, progress: bool = True, candidates: int | None = 1) -> EvalReport:
     """ShapeEval of a text-to-image model: an embedded model's name, a diffusers folder or a checkpoint file.
-    `limit` takes that many prompts per category and split, for a quick reading."""
+    `limit` takes that many prompts per category and split, for a quick reading. `candidates`: images drawn per
+    scored image, the one its prompt fits best kept (`ldm.candidates.prompt_fit`); 1 scores the plain draw, None
+    the model's recommendation."""
     import torch
 
     from ldm.pipeline import LatentDiffusionPipeline  # here: scoring alone needs no model code
@@ -464,7 +466,8 @@ def evaluate_model(model: str, steps: int = 20, guidance: float = 5.0, images_pe
 
     def generate(texts, seeds):
         generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-        return pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+        return pipe(texts, num_inference_steps=steps, guidance_scale=guidance, generator=generators,
+                    num_candidates=candidates).images
 
     return evaluate(generate, shape_eval_prompts(limit_per_category=limit), images_per_prompt, progress=progress)
 

@@ -16,10 +16,11 @@ SETTINGS_KEY = "ldm"
 # Settings that are arguments of LatentDiffusionPipeline.__call__, as stored in the JSON.
 CALL_ARGUMENTS = ("prompt", "negative_prompt", "height", "width", "num_inference_steps", "guidance_scale",
                   "guidance_rescale", "sampler", "seed")
-# Settings of the editing pipelines (ldm.editing; `pipeline` names the class), arguments of their calls too. The input
-# image and mask are not stored: pass them again with the regenerated arguments.
+# Settings of the editing pipelines (ldm.editing; `pipeline` names the class), arguments of their calls too
+# (num_candidates of the text-to-image call as well). The input image and mask are not stored: pass them again with
+# the regenerated arguments.
 EDITING_ARGUMENTS = ("strength", "image_guidance_scale", "mask_blur", "padding_mask_crop", "keep_unmasked",
-                     "num_candidates", "candidate_source_weight")
+                     "num_candidates")
 
 
 def a1111_parameters(settings: dict[str, Any]) -> str:

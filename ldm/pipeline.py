@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ldm import __version__
 from ldm.call_settings import check_setting
+from ldm.candidates import candidate_generators, prompt_fit
 from ldm.checkpoints.diffusers_folder import DEFAULT_SAMPLE_SIZE
 from ldm.checkpoints.files import find_weights_file
 from ldm.decoders import VAEDecoder
@@ -53,7 +54,7 @@ class LatentDiffusionPipeline:
     # early SD configs lack steps_offset=1, and DDIM-style clip_sample=True (a pixel-space default) ruins latents.
     scheduler_fixes: dict[str, Any] = {"steps_offset": 1, "clip_sample": False}
     # diffusers' call defaults: what a setting the caller leaves None becomes unless the model recommends a value
-    call_defaults: dict[str, Any] = {"num_inference_steps": 50, "guidance_scale": 7.5}
+    call_defaults: dict[str, Any] = {"num_inference_steps": 50, "guidance_scale": 7.5, "num_candidates": 1}
 
     def __init__(self, components: Components):
         self.unet = components.unet
@@ -135,12 +136,19 @@ class LatentDiffusionPipeline:
         callback: Callable | None = None,
         seed: int | None = None,
         guidance_rescale: float = 0.0,
+        num_candidates: int | None = None,
     ) -> PipelineOutput:
-        # 1. Check inputs, before any compute.
-        num_inference_steps, guidance_scale = self._with_defaults(num_inference_steps=num_inference_steps,
-                                                                  guidance_scale=guidance_scale)
+        """`num_candidates` > 1 draws that many images per image and returns the one its prompt explains best in
+        the model's own judgement (`ldm.candidates.prompt_fit`); candidate 0 is the image a plain call makes."""
+        # 1. Check inputs, before any compute. Given latents fix the image, so a recommended candidate count does not
+        #    apply (an explicit one > 1 is an error below).
+        if latents is not None and num_candidates is None:
+            num_candidates = 1
+        num_inference_steps, guidance_scale, num_candidates = self._with_defaults(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, num_candidates=num_candidates)
         prompts, negatives = self._check_call(prompt, negative_prompt, num_inference_steps, guidance_scale,
                                               num_images_per_prompt, output_type, guidance_rescale)
+        check_setting("num_candidates", num_candidates, "(images drawn per image; 1 draws one)")
         batch = len(prompts) * num_images_per_prompt
         height, width = self._check_size(height, width)
         latent_shape = self._latent_shape(batch, height, width)
@@ -148,23 +156,40 @@ class LatentDiffusionPipeline:
         if latents is not None and tuple(latents.shape) != latent_shape:
             raise ValueError(f"latents have shape {tuple(latents.shape)}; this call needs {latent_shape} "
                              f"(batch, channels, height/{self.latent_factor}, width/{self.latent_factor})")
+        if latents is not None and num_candidates > 1:
+            raise ValueError(f"num_candidates={num_candidates} draws its own starting noise per candidate, so it "
+                             "cannot start from given latents: pass num_candidates=1 with latents")
         plan = self._plan(sampler, num_inference_steps)
 
-        # 2. Encode prompts (each repeated per image), the negatives too when guidance is on.
-        net = self._guided(self.unet, prompts, negatives, num_images_per_prompt, guidance_scale, guidance_rescale)
+        # 2. Encode prompts (each repeated per image and candidate), the negatives too when guidance is on.
+        per_prompt = num_images_per_prompt * num_candidates
+        net = self._guided(self.unet, prompts, negatives, per_prompt, guidance_scale, guidance_rescale)
 
-        # 3. Prepare latents: image k's noise comes from its own generator, drawn on the CPU.
+        # 3. Prepare latents: each image's (and candidate's) noise comes from its own generator, drawn on the CPU.
+        drawing = candidate_generators(generators, num_candidates)
         if latents is None:
-            latents = TorchNoise(latent_shape, generators)()
+            latents = TorchNoise(self._latent_shape(batch * num_candidates, height, width), drawing)()
 
-        # 4. Denoise.
-        latents = self._denoise(plan, plan.denoiser(net, dtype=self.dtype), latents, generators, callback)
+        # 4. Denoise; keep one candidate per image.
+        latents = self._denoise(plan, plan.denoiser(net, dtype=self.dtype), latents, drawing, callback)
+        if num_candidates > 1:
+            latents = self._best_fitting(plan, latents, prompts, negatives, per_prompt, generators)
 
         # 5. Decode unless latents were asked for, post-process to [0, 1] and the requested type.
         settings = self._settings(prompts, negatives, num_images_per_prompt, seeds, height=height, width=width,
                                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                  guidance_rescale=guidance_rescale, sampler=sampler)
+                                  guidance_rescale=guidance_rescale, sampler=sampler, num_candidates=num_candidates)
         return self._output(latents, output_type, seeds, settings)
+
+    def _best_fitting(self, plan: SamplingPlan, latents: torch.Tensor, prompts: list[str], negatives: list[str],
+                      per_prompt: int, generators: list[torch.Generator], net: Callable | None = None) -> torch.Tensor:
+        """Of each image's candidates (image-major in `latents`), the one its prompt fits best as judged by `net`
+        (default: the UNet) with the prompt against the negative prompt."""
+        count = latents.shape[0] // len(generators)
+        negative, positive = self._encode_pair(prompts, negatives, per_prompt)
+        denoiser = plan.denoiser(self.unet if net is None else net, dtype=self.dtype)
+        fit = prompt_fit(denoiser, latents, count, generators, plan.schedule, positive, negative)
+        return latents.unflatten(0, (-1, count))[torch.arange(len(generators)), fit.argmax(-1).to(latents.device)]
 
     # ------------------------------------------------------------------ the steps every pipeline shares
 
@@ -234,13 +259,10 @@ class LatentDiffusionPipeline:
         """Latents -> images (B, 3, H, W) in [0, 1]."""
         return (self.decoder.decode(latents).float() / 2 + 0.5).clamp(0, 1)
 
-    def _output(self, latents: torch.Tensor, output_type: str, seeds, settings,
-                decoded: torch.Tensor | None = None) -> PipelineOutput:
-        """`decoded`: the latents' images when the caller has decoded them already."""
+    def _output(self, latents: torch.Tensor, output_type: str, seeds, settings) -> PipelineOutput:
         if output_type == "latent":
             return PipelineOutput(latents, seeds, settings)
-        images = self._decode(latents) if decoded is None else decoded
-        return PipelineOutput(_convert(images, output_type), seeds, settings)
+        return PipelineOutput(_convert(self._decode(latents), output_type), seeds, settings)
 
     def _settings(self, prompts, negatives, per_prompt, seeds, *, sampler, **values) -> list[dict]:
         """Everything needed to regenerate each image (see ldm.metadata.regenerate_kwargs)."""

@@ -121,6 +121,30 @@ def test_image_k_of_a_batch_equals_a_single_run_with_seed_plus_k(tiny_pipe):
     np.testing.assert_allclose(with_generator[0], batch.images[2], atol=1e-5)
 
 
+def test_candidates_return_the_separately_drawn_image_the_prompt_fits_best(tiny_pipe):
+    from ldm.candidates import CANDIDATE_SEED_STRIDE, prompt_fit
+
+    call = dict(num_inference_steps=3, height=16, width=16, output_type="latent", sampler="Euler a")
+    plain = tiny_pipe("a red circle", seed=10, **call).images
+    torch.testing.assert_close(tiny_pipe("a red circle", seed=10, num_candidates=1, **call).images, plain,
+                               atol=0, rtol=0)
+    drawn = torch.cat([tiny_pipe("a red circle", generator=torch.Generator().manual_seed(
+        (10 + j * CANDIDATE_SEED_STRIDE) % 2**32), **call).images for j in range(4)])
+    torch.testing.assert_close(drawn[:1], plain, atol=0, rtol=0)  # candidate 0 is the plain call's image
+    plan = tiny_pipe._plan("Euler a", 3)
+    negative, positive = tiny_pipe._encode_pair(["a red circle"], [""], 4)
+    fit = prompt_fit(plan.denoiser(tiny_pipe.unet), drawn, 4, [torch.Generator().manual_seed(10)], plan.schedule,
+                     positive, negative)
+    result = tiny_pipe("a red circle", seed=10, num_candidates=4, **call)
+    apart = (drawn - result.images).abs().flatten(1).amax(1)  # batched matmuls round differently: 1e-4 apart
+    assert int(apart.argmin()) == int(fit.argmax()) and apart.min() < 1e-3 < apart.max()
+    assert result.settings[0]["num_candidates"] == 4
+    # image k of a batch with candidates equals a single run with seed + k
+    batch = tiny_pipe(["a red circle", "a blue square"], seed=20, num_candidates=3, **call).images
+    torch.testing.assert_close(batch[1:], tiny_pipe("a blue square", seed=21, num_candidates=3, **call).images,
+                               atol=1e-3, rtol=0)
+
+
 def test_generators_record_their_seed_only_while_it_regenerates_their_image(tiny_pipe):
     call = dict(num_inference_steps=2, height=16, width=16, output_type="np")
     used = torch.Generator().manual_seed(3)
@@ -156,6 +180,8 @@ def test_output_types(tiny_pipe):
     (dict(sampler="Euler z"), "Euler a"),
     (dict(prompt=[]), "prompt must be"),
     (dict(output_type="jpg"), "output_type"),
+    (dict(num_candidates=0), r"num_candidates=0 must be an integer >= 1 \(images drawn per image"),
+    (dict(num_candidates=2, latents=torch.zeros(1, 4, 8, 8)), "pass num_candidates=1 with latents"),
 ])
 def test_bad_input_is_a_clear_value_error(tiny_pipe, kwargs, match):
     kwargs = {"prompt": "a red circle", "height": 16, "width": 16, **kwargs}

@@ -212,7 +212,8 @@ def test_batch_example_images_equal_direct_calls_and_carry_their_settings(tmp_pa
     settings = read_settings(out / job.items[-1].filename)
     assert regenerate_kwargs(settings) == {
         "prompt": "青い四角の左に赤い丸", "negative_prompt": "", "height": 16, "width": 16, "num_inference_steps": 2,
-        "guidance_scale": 5.0, "guidance_rescale": 0.0, "sampler": "DPM++ 2M Karras", "seed": 3}
+        "guidance_scale": 5.0, "guidance_rescale": 0.0, "sampler": "DPM++ 2M Karras", "seed": 3,
+        "num_candidates": 1}
     assert job.items[-1].filename == "0003-prompt-s3.png"  # no ASCII words in the prompt
     grids = sorted(p.name for p in (out / "grids").iterdir())
     assert grids == ["0000-a-red-circle.png", "0001-a-large-blue-square.png", "0002-two-yellow-triangles.png",

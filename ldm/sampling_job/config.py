@@ -68,7 +68,7 @@ class JobConfig:
     image_guidance: Any = None      # >= 0: pull towards the input image (instruction editing; a list sweeps)
     mask_blur: float | None = None  # >= 0 pixels: feathers the mask (inpainting)
     keep_unmasked: bool | None = None  # paste the input back where the mask is black (inpainting)
-    candidates: int | None = None   # >= 1: edits drawn per image, the one the others agree with kept (instructions)
+    candidates: int | None = None   # >= 1: edits drawn per image, the one the instruction fits best kept (instructions)
 
 
 @dataclass(frozen=True)
