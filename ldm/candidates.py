@@ -53,14 +53,13 @@ def prompt_fit(denoiser, latents: torch.Tensor, count: int, generators: list[tor
     # (timesteps, N * count, C, h, w): one draw per image and timestep, shared by the image's candidates
     noise = torch.stack([torch.randn((len(timesteps), *latents.shape[1:]), generator=g) for g in scoring], 1)
     noise = noise.repeat_interleave(count, dim=1).to(latents.device)
+    context = torch.cat([negative, positive])  # both branches in one batched call, as guidance runs them
     fit = torch.zeros(latents.shape[0], device=latents.device)
     for timestep, eps in zip(timesteps, noise):
         sigma = float(schedule.sigmas[timestep])
-        noisy = latents + sigma * eps
-
-        def log_error(context: torch.Tensor) -> torch.Tensor:
-            denoised = denoiser(noisy, sigma, timestep=timestep, context=context).float()
-            return ((denoised - latents) / sigma).square().mean(dim=(1, 2, 3)).log()
-
-        fit += log_error(negative) - (1 + LIKELIHOOD_WEIGHT) * log_error(positive)
+        noisy = (latents + sigma * eps).repeat(2, 1, 1, 1)
+        denoised = denoiser(noisy, sigma, timestep=timestep, context=context).float()
+        errors = ((denoised - latents.repeat(2, 1, 1, 1)) / sigma).square().mean(dim=(1, 2, 3)).log()
+        with_negative, with_prompt = errors.chunk(2)
+        fit += with_negative - (1 + LIKELIHOOD_WEIGHT) * with_prompt
     return (fit / len(timesteps)).unflatten(0, (-1, count))
