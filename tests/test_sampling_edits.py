@@ -85,10 +85,10 @@ def manifest_keys(folder: Path) -> list[str]:
 MODES = {
     "4-channel model: text-to-image, image-to-image and latent-blend inpainting in one job": (
         "img2img", dict(image="image.png", sampler="Euler a"),
-        [{"prompt": "a red circle", "image": None},
+        [{"prompt": "a red circle", "image": None, "candidates": 2},
          {"prompt": "a blue square", "strength": 0.6},
          {"prompt": "a green triangle", "mask": "mask.png", "strength": 0.7, "mask_blur": 1, "keep_unmasked": True}],
-        [(LatentDiffusionPipeline, dict(sampler="Euler a")),
+        [(LatentDiffusionPipeline, dict(sampler="Euler a", num_candidates=2)),
          (ImageToImagePipeline, dict(image="image.png", strength=0.6, sampler="Euler a")),
          (InpaintPipeline, dict(image="image.png", mask_image="mask.png", strength=0.7, mask_blur=1,
                                 keep_unmasked=True, sampler="Euler a"))]),
@@ -280,7 +280,6 @@ BAD_INPUTS = [
     ("img2img", dict(image="image.png", image_guidance=-1), ["image_guidance=-1 must be a number >= 0"]),
     ("img2img", dict(image="image.png", keep_unmasked="yes"), ["keep_unmasked='yes' must be true or false"]),
     ("pix2pix", dict(image="image.png", candidates=0), ["candidates=0 must be an integer >= 1"]),
-    ("img2img", dict(candidates=2), ["candidates=2 needs an image to edit"]),
     ("img2img", dict(image="image.png", mask_blur=2), ["mask_blur=2.0 applies to inpainting only", "give a mask"]),
     ("img2img", dict(strength=0.5), ["strength=0.5 needs an image to edit"]),
     # Checked once the model is loaded, still before any image:
@@ -291,8 +290,10 @@ BAD_INPUTS = [
     ("inpaint", {}, ["is an inpainting model", "cannot do text-to-image"]),
     ("pix2pix", dict(image="image.png", mask="mask.png"), ["instruction-editing model (UNet in_channels=8)",
                                                             "cannot do inpainting", "no mask"]),
-    ("img2img", dict(image="image.png", candidates=2), ["candidates=2 applies to instruction editing",
-                                                        "image-to-image", "in_channels=4"]),
+    ("img2img", dict(image="image.png", candidates=2), ["candidates=2 applies to text-to-image and instruction "
+                                                        "editing", "image-to-image", "in_channels=4"]),
+    ("img2img", dict(image="image.png", mask="mask.png", candidates=3), ["candidates=3 applies to text-to-image",
+                                                                         "inpainting", "remove candidates"]),
     ("pix2pix", dict(image="image.png", strength=0.5), ["strength=0.5 applies to image-to-image and inpainting",
                                                         "instruction editing", "remove strength"]),
 ]

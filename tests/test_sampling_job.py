@@ -99,7 +99,7 @@ def test_work_items_are_prompt_by_sweep_point_by_seed_with_stable_names(tmp_path
     first = job.items[0].request
     assert first == {"model": str(model), "model_config": None, "dtype": "float32", "prompt": "a red circle",
                      "negative_prompt": "", "seed": 10, "width": None, "height": None, "steps": 1,
-                     "guidance": 7.5, "guidance_rescale": 0.0, "sampler": "Euler a"}
+                     "guidance": 7.5, "guidance_rescale": 0.0, "sampler": "Euler a", "candidates": None}
     assert load_job(config).items == job.items  # the same config always gives the same plan
 
 

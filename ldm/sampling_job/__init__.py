@@ -8,8 +8,9 @@
 
 The config (omegaconf YAML plus dotted overrides; fields and defaults in `config.JobConfig`): model, model_config,
 device, dtype, sampler {name, schedule}, steps, guidance, guidance_rescale, width, height, prompts, negative_prompt,
-seeds | seed + images_per_prompt, output, filename, batch_size, grid, on_bad_line, and for editing image, mask,
-strength, image_guidance, mask_blur, keep_unmasked, candidates.
+seeds | seed + images_per_prompt, output, filename, batch_size, grid, on_bad_line, candidates (images drawn per
+image, the one the prompt or instruction fits best kept: text-to-image and instruction editing; None: the model's
+recommendation), and for editing image, mask, strength, image_guidance, mask_blur, keep_unmasked.
 
 - Validation comes first. The whole config and every prompt-file line are checked before any model is loaded or
   any file written; sizes the model cannot make are checked once it is loaded, still before any write. An error

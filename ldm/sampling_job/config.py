@@ -32,7 +32,7 @@ SWEEP_LABELS = {
 }
 MAX_AXES = 3  # X, Y, Z
 # Fields checked and normalised like the sweepable ones, but never a list.
-SINGLE_EDIT_FIELDS = ("image", "mask", "mask_blur", "keep_unmasked", "candidates")
+SINGLE_FIELDS = ("image", "mask", "mask_blur", "keep_unmasked", "candidates")
 
 
 class ConfigError(LdmError, ValueError):
@@ -68,7 +68,8 @@ class JobConfig:
     image_guidance: Any = None      # >= 0: pull towards the input image (instruction editing; a list sweeps)
     mask_blur: float | None = None  # >= 0 pixels: feathers the mask (inpainting)
     keep_unmasked: bool | None = None  # paste the input back where the mask is black (inpainting)
-    candidates: int | None = None   # >= 1: edits drawn per image, the one the instruction fits best kept (instructions)
+    # >= 1: images drawn per image, the one the prompt (instruction) fits best kept (text-to-image, instructions)
+    candidates: int | None = None
 
 
 @dataclass(frozen=True)
@@ -287,11 +288,11 @@ def get_field(values: dict, name: str):
 
 
 def _normalised(config: JobConfig, axes: tuple[Axis, ...], where: str) -> JobConfig:
-    """Single values of sweepable fields (and of the other edit fields) checked and normalised (`euler_a` ->
+    """Single values of sweepable fields (and of the other single-valued fields) checked and normalised (`euler_a` ->
     "Euler a"); lists are the axes'."""
     swept = {axis.field for axis in axes}
     values = {name: check(name, get_field(vars(config), name), where)
-              for name in (*SWEEP_LABELS, *SINGLE_EDIT_FIELDS) if name not in swept}
+              for name in (*SWEEP_LABELS, *SINGLE_FIELDS) if name not in swept}
     sampler = {**config.sampler, **{name[len("sampler."):]: v for name, v in values.items() if "." in name}}
     return replace(config, sampler=sampler, **{name: v for name, v in values.items() if "." not in name})
 

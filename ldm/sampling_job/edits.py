@@ -10,8 +10,8 @@ Input files are checked (readable images, mask of the image's size and not all b
 recorded in each request by absolute path and short sha256 (the first 10 hex digits, as A1111's model hash), so a
 PNG made from an input whose content has changed since is not done. Settings that the item's mode cannot use are
 errors: mask_blur/keep_unmasked without a mask and any edit setting without an image while planning; strength or
-guidance_rescale on an instruction model and image_guidance or candidates elsewhere once the model is loaded
-(before any image).
+guidance_rescale on an instruction model, image_guidance elsewhere, and candidates on image-to-image or inpainting
+once the model is loaded (before any image).
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ TEXT, IMAGE_TO_IMAGE, INPAINTING, INSTRUCTION = "text-to-image", "image-to-image
 PIPELINES = {TEXT: LatentDiffusionPipeline, IMAGE_TO_IMAGE: ImageToImagePipeline, INPAINTING: InpaintPipeline,
              INSTRUCTION: InstructPix2PixPipeline}
 PIPELINES_BY_NAME = {pipeline.__name__: pipeline for pipeline in PIPELINES.values()}
-EDIT_FIELDS = ("image", "mask", "strength", "image_guidance", "mask_blur", "keep_unmasked", "candidates")
-SETTINGS_NEEDING_AN_IMAGE = ("mask", "strength", "image_guidance", "mask_blur", "keep_unmasked", "candidates")
+EDIT_FIELDS = ("image", "mask", "strength", "image_guidance", "mask_blur", "keep_unmasked")
+SETTINGS_NEEDING_AN_IMAGE = ("mask", "strength", "image_guidance", "mask_blur", "keep_unmasked")
 SETTINGS_NEEDING_A_MASK = ("mask_blur", "keep_unmasked")
 SHORT_HASH = 10  # hex digits of sha256 kept in requests and file names
 # Settings that only some modes use, and which ones.
 APPLIES_TO = {"image_guidance": "instruction editing (a UNet with in_channels=8)",
-              "candidates": "instruction editing (a UNet with in_channels=8)",
+              "candidates": "text-to-image and instruction editing",
               "strength": "image-to-image and inpainting", "guidance_rescale": "every mode but instruction editing"}
 
 
@@ -188,7 +188,8 @@ def _check_mode(item, mode: str, in_channels: int, latent_channels: int, model: 
     if mode == INSTRUCTION:  # guidance_rescale is in every request, 0 meaning off
         given = {"strength": request["strength"], "guidance_rescale": request["guidance_rescale"] or None}
     else:
-        given = {name: request.get(name) for name in ("image_guidance", "candidates")}
+        given = {"image_guidance": request.get("image_guidance"),
+                 "candidates": request["candidates"] if mode != TEXT else None}
     for name, value in given.items():
         if value is not None:
             raise ConfigError(f"{item.source}: {name}={value!r} applies to {APPLIES_TO[name]}, but this item is "
@@ -209,7 +210,8 @@ def call_arguments(request: dict, mode: str) -> dict[str, Any]:
     """The mode's own pipeline arguments: the inputs (checked against the plan's hashes) and the edit settings
     that were given (the rest keep the pipeline's defaults)."""
     if mode == TEXT:
-        return {"guidance_rescale": request["guidance_rescale"]}
+        given = {"guidance_rescale": request["guidance_rescale"], "num_candidates": request["candidates"]}
+        return {name: value for name, value in given.items() if value is not None}
     arguments = {"image": open_input(request["image"], request["image_sha256"], "image")}
     if mode == INSTRUCTION:  # no guidance_rescale in InstructPix2Pix (checked with the model)
         given = {"image_guidance_scale": request["image_guidance"], "num_candidates": request["candidates"]}

@@ -20,7 +20,7 @@ from ldm.sampling_job.edits import EDIT_FIELDS, InputReader, edit_request
 PROMPT_FILE_KINDS = (".txt", ".jsonl")
 # What a prompt item (a JSONL line, or a mapping in the inline list) may set for itself.
 ITEM_FIELDS = ("prompt", "negative_prompt", "seeds", "seed", "images_per_prompt", "steps", "guidance",
-               "guidance_rescale", "width", "height", "sampler", *EDIT_FIELDS)
+               "guidance_rescale", "width", "height", "sampler", "candidates", *EDIT_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,7 @@ def _request(config: JobConfig, item: PromptItem, settings: dict, seed: int) -> 
         "prompt": item.fields["prompt"], "negative_prompt": settings["negative_prompt"], "seed": seed,
         "width": settings["width"], "height": settings["height"], "steps": settings["steps"],
         "guidance": settings["guidance"], "guidance_rescale": settings["guidance_rescale"], "sampler": sampler,
+        "candidates": item.fields.get("candidates", config.candidates),
     }
 
 
