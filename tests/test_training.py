@@ -16,14 +16,16 @@ import torch
 import yaml
 
 from ldm.data.edits import CATEGORIES as EDIT_CATEGORIES
-from ldm.data.shapes import RELATIONS, OppositeRelation, RelationTokenLabels, ShapesDataset
+from ldm.data.shapes import RELATIONS, EnglishTranslation, OppositeRelation, RelationTokenLabels, ShapesDataset
 from ldm.edit_evaluation import evaluate_edit_model
 from ldm.evaluation import CATEGORIES, evaluate_model
 from ldm.loading import load_components
 from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer, compact_clip_tokenizer, load_tokenizer
 from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
-from ldm.training.objectives import CaptionContrast, ChangedRegion, TextToImageObjective, TokenClassifier
+from ldm.training.objectives import (
+    CaptionConsistency, CaptionContrast, ChangedRegion, TextToImageObjective, TokenClassifier,
+)
 from ldm.training.stages import (
     contradicting_captions, dataclass_from, instantiate, load_config, token_labels, train, transfer_vocabulary,
     widen_input,
@@ -534,6 +536,48 @@ def test_an_edit_models_contrast_denoises_beside_each_contradicted_rows_own_sour
     assert metrics["contrast_gap"] == pytest.approx(2 * math.log(3), rel=1e-3)
 
 
+class _CaptionOffsets(torch.nn.Module):
+    """A UNet that predicts a learnable constant per caption (its first token): prediction = offsets[token]."""
+
+    def __init__(self, offsets: list[float]):
+        super().__init__()
+        self.offsets = torch.nn.Parameter(torch.tensor(offsets))
+
+    def forward(self, noisy, timesteps, context):
+        return self.offsets[context[:, 0, 0].long()].view(-1, 1, 1, 1).expand(-1, 4, *noisy.shape[2:])
+
+
+def test_caption_consistency_pulls_a_caption_towards_its_reference_and_leaves_the_reference_alone():
+    """Predictions o_s (the caption) and o_r (its reference): the term is w (o_s - o_r)^2, its gradient reaches o_s
+    only (2 w (o_s - o_r) per referenced row, averaged), and rows without a reference add nothing."""
+    unet = _CaptionOffsets([0.0, 0.5, 0.2, 0.0])
+    objective = TextToImageObjective(unet, _CaptionText(), NoiseSchedule.from_config("squaredcos_cap_v2"), "sample",
+                                     caption_consistency=CaptionConsistency(weight=2.0))
+    latents = torch.zeros(3, 4, 2, 2)
+    referenced = torch.tensor([0, 2]), torch.tensor([[2], [2]])  # rows 0 and 2 (caption 1) refer to caption 2
+    loss, metrics = objective(latents, torch.tensor([[1], [3], [1]]), referenced=referenced,
+                              generator=torch.Generator().manual_seed(0))
+    assert metrics["consistency_loss"] == pytest.approx((0.5 - 0.2) ** 2)
+    diffusion = ((0.5 ** 2) * 2 + 0.0) / 3  # "sample" predicts the clean latents (0): rows of caption 1 miss by 0.5
+    assert metrics["diffusion_loss"] == pytest.approx(diffusion)
+    loss.backward()
+    consistency_grad = 2.0 * 2 * (0.5 - 0.2)
+    diffusion_grad = 2 * 0.5 * 2 / 3  # d/d o_1 of the mean over 3 rows, two of them caption 1
+    assert unet.offsets.grad.tolist() == pytest.approx([0.0, diffusion_grad + consistency_grad, 0.0, 0.0])
+
+
+def test_english_translation_pairs_each_japanese_caption_with_the_english_one_that_says_the_same():
+    translate = EnglishTranslation()
+    for index in range(40):
+        scene_captions = ShapesDataset(length=40, size=16, seed=3)[index]["captions"]
+        english = [text for text in scene_captions if text.isascii()]
+        japanese = [text for text in scene_captions if not text.isascii()]
+        assert [translate(text, scene_captions) for text in japanese] == english
+        assert translate(english[0], scene_captions) is None
+    scene_captions = ["a red circle", "a red circle on a white background", "赤い丸"]
+    assert translate("赤い丸", scene_captions) is None  # the languages' phrasings do not pair up
+
+
 def test_contradicting_captions_pair_each_relation_caption_with_its_opposite():
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -548,6 +592,19 @@ def test_contradicting_captions_pair_each_relation_caption_with_its_opposite():
     expected, _ = encoder.frame(encoder.tokenize(["a red circle to the right of a blue square", "青い四角の下に赤い丸"]))
     assert torch.equal(ids, expected)
     assert contradicting_captions(encoder, texts[1:3], OppositeRelation(), "cpu") is None
+
+
+def test_caption_consistency_runs_from_the_config(tmp_path, trained_autoencoder):
+    config = {**_tiny_text_to_image(trained_autoencoder), "output": str(tmp_path / "run"),
+              "caption_consistency": {"target": "ldm.data.shapes.EnglishTranslation", "weight": 0.5}}
+    config["diffusion"] = {**config["diffusion"], "caption_dropout": 0.0}
+    train(_write(config, tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    consistent = [record for record in records if "consistency_loss" in record]  # steps with a Japanese caption
+    assert consistent and all(record["consistency_loss"] >= 0 for record in consistent)
+    config["caption_consistency"]["weight"] = 0
+    with pytest.raises(ValueError, match=r"caption_consistency weight=0 must be > 0"):
+        train(_write({**config, "output": str(tmp_path / "bad")}, tmp_path, "bad.yaml"))
 
 
 def test_caption_contrast_runs_from_the_config(tmp_path, trained_autoencoder):

@@ -347,6 +347,21 @@ class Contradiction:
         return None
 
 
+class EnglishTranslation:
+    """The English caption that says what a Japanese caption says, None for an English one (a
+    `caption_consistency:` target). `captions` lists each language's phrasings of a scene in the same order, so the
+    k-th Japanese caption translates the k-th English one."""
+
+    def __call__(self, caption: str, scene_captions: list[str]) -> str | None:
+        if caption.isascii():
+            return None
+        english = [text for text in scene_captions if text.isascii()]
+        japanese = [text for text in scene_captions if not text.isascii()]
+        if len(english) != len(japanese):  # a phrasing that merged with another in one language only
+            return None
+        return english[japanese.index(caption)]
+
+
 def list_phrase(phrases: list[str], language: str) -> str:
     """'a, b and c' / 'aとbとc'."""
     if language == "ja":

@@ -110,6 +110,27 @@ class CaptionContrast:
 
 
 @dataclass(frozen=True)
+class CaptionConsistency:
+    """Distillation across captions of one image: the UNet's prediction with a caption must match its prediction
+    with a reference caption that says the same (e.g. its English translation), the reference's side held fixed.
+
+    A jointly trained encoder learns each language only from its own captions; this hands one language what the
+    model already does with the other, densely (a whole prediction per image rather than a noisy target), as
+    multilingual CLIP students are distilled from an English teacher (Carlsson et al. 2022)."""
+
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not self.weight > 0:
+            raise ValueError(f"caption_consistency weight={self.weight!r} must be > 0")
+
+    def __call__(self, student: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """`student`, `reference`: (K, C, H, W) predictions with the caption and with its reference caption."""
+        loss = F.mse_loss(student.float(), reference.float().detach())
+        return self.weight * loss, {"consistency_loss": loss.item()}
+
+
+@dataclass(frozen=True)
 class ChangedRegion:
     """Per-cell loss weights for edit training: 1 + `weight` where the edit changes the latents, 1 elsewhere.
 
@@ -136,10 +157,11 @@ class ChangedRegion:
 
 class TextToImageObjective(nn.Module):
     """The latent diffusion loss with a text transformer trained jointly (or frozen, by requires_grad=False),
-    plus an optional `TokenClassifier` on its token states and an optional `CaptionContrast`."""
+    plus an optional `TokenClassifier` on its token states, `CaptionContrast` and `CaptionConsistency`."""
 
     def __init__(self, unet: UNet, text_model: nn.Module, schedule: NoiseSchedule, prediction_type: str,
-                 token_classifier: TokenClassifier | None = None, caption_contrast: CaptionContrast | None = None):
+                 token_classifier: TokenClassifier | None = None, caption_contrast: CaptionContrast | None = None,
+                 caption_consistency: CaptionConsistency | None = None):
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={prediction_type!r}; choose one of {PREDICTION_TYPES}")
@@ -148,16 +170,18 @@ class TextToImageObjective(nn.Module):
                              f"[0, {len(schedule.alphas_cumprod)})")
         self.unet, self.text_model = unet, text_model
         self.token_classifier, self.caption_contrast = token_classifier, caption_contrast
+        self.caption_consistency = caption_consistency
         self.prediction_type = prediction_type
         self.register_buffer("alphas_cumprod", schedule.alphas_cumprod.float(), persistent=False)
 
     def forward(self, latents: torch.Tensor, token_ids: torch.Tensor, *, image_condition: torch.Tensor | None = None,
                 token_labels: torch.Tensor | None = None, contradicted: tuple[torch.Tensor, torch.Tensor] | None = None,
-                loss_weights: torch.Tensor | None = None,
+                referenced: tuple[torch.Tensor, torch.Tensor] | None = None, loss_weights: torch.Tensor | None = None,
                 generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
         """`image_condition`: latents concatenated to the noisy ones on the channel axis (InstructPix2Pix);
         `token_labels`: (B, T) classes for the token classifier; `contradicted`: (rows, token ids of a caption
-        each of those rows' images contradicts) for the caption contrast; `loss_weights`: (B, 1, H, W) weights of
+        each of those rows' images contradicts) for the caption contrast; `referenced`: (rows, token ids of each
+        of those rows' reference caption) for the caption consistency; `loss_weights`: (B, 1, H, W) weights of
         the squared error per latent cell (e.g. `ChangedRegion`), a weighted mean so the loss keeps its scale."""
         timesteps = torch.randint(0, len(self.alphas_cumprod), (latents.shape[0],), generator=generator)
         noisy, target = noised(latents, timesteps, self.alphas_cumprod, self.prediction_type, generator)
@@ -174,6 +198,8 @@ class TextToImageObjective(nn.Module):
             extras.append(self.token_classifier(context, token_labels))
         if self.caption_contrast is not None and contradicted is not None and len(contradicted[0]):
             extras.append(self._contrast(latents, context, image_condition, *contradicted, generator))
+        if self.caption_consistency is not None and referenced is not None and len(referenced[0]):
+            extras.append(self._consistency(latents, context, image_condition, *referenced, generator))
         if not extras:
             return loss, {}
         metrics = {"diffusion_loss": loss.item()}
@@ -196,3 +222,16 @@ class TextToImageObjective(nn.Module):
         prediction = self.unet(noisy.repeat(2, 1, 1, 1), timesteps.repeat(2).to(latents.device), contexts)
         errors = (prediction.float() - target.repeat(2, 1, 1, 1)).square().mean(dim=(1, 2, 3))
         return self.caption_contrast(*errors.split(count))
+
+    def _consistency(self, latents: torch.Tensor, context: torch.Tensor, image_condition: torch.Tensor | None,
+                     rows: torch.Tensor, reference_ids: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+        """One noisy latent per referenced row at any timestep, denoised with its caption and, without gradient,
+        with the reference caption."""
+        timesteps = torch.randint(0, len(self.alphas_cumprod), (len(rows),), generator=generator).to(latents.device)
+        noisy, _ = noised(latents[rows], timesteps, self.alphas_cumprod, self.prediction_type, generator)
+        if image_condition is not None:
+            noisy = torch.cat([noisy, image_condition[rows]], dim=1)
+        with torch.no_grad():
+            reference = self.unet(noisy, timesteps, self.text_model(reference_ids).last_hidden_state)
+        return self.caption_consistency(self.unet(noisy, timesteps, context[rows]), reference)

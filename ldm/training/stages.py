@@ -30,7 +30,8 @@ from ldm.models.unet import UNet, UNetConfig
 from ldm.schedules import NoiseSchedule
 from ldm.training.loop import Trainer, TrainSettings
 from ldm.training.objectives import (
-    AutoencoderObjective, CaptionContrast, ChangedRegion, TextToImageObjective, TokenClassifier, start_posterior_narrow,
+    AutoencoderObjective, CaptionConsistency, CaptionContrast, ChangedRegion, TextToImageObjective, TokenClassifier,
+    start_posterior_narrow,
 )
 
 TASKS = ("autoencoder", "text_to_image", "instruct_edit")
@@ -138,7 +139,8 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
     schedule = NoiseSchedule.from_config(**diffusion)
     labeler, classifier = _token_labeler(config, text_config.hidden_size)
     contradict, contrast = _caption_contrast(config)
-    objective = TextToImageObjective(unet, text_model, schedule, prediction_type, classifier, contrast)
+    reference_of, consistency = _caption_consistency(config)
+    objective = TextToImageObjective(unet, text_model, schedule, prediction_type, classifier, contrast, consistency)
     encoder = CLIPTextEncoder(text_model, tokenizer)
     scaled = cache["latents"] * cache["scaling_factor"]
     device = settings.device
@@ -151,8 +153,10 @@ def text_to_image_stage(config: DictConfig, settings: TrainSettings, output: Pat
         ids, _ = encoder.frame(tokens)
         labels = None if labeler is None else token_labels(encoder, texts, tokens, labeler).to(device)
         contradicted = None if contradict is None else contradicting_captions(encoder, texts, contradict, device)
+        referenced = None if reference_of is None else referenced_captions(
+            encoder, texts, [cache["captions"][int(i)] for i in indices], reference_of, device)
         return {"latents": scaled[indices].float().to(device), "token_ids": ids.to(device), "token_labels": labels,
-                "contradicted": contradicted}
+                "contradicted": contradicted, "referenced": referenced}
 
     unet.train(), text_model.train()
     export = _pipeline_exporter(unet, vae, text_model, tokenizer, diffusion, prediction_type)
@@ -180,15 +184,37 @@ def _caption_contrast(config: DictConfig):
     return instantiate(spec, "caption_contrast"), dataclass_from(CaptionContrast, settings, "caption_contrast")
 
 
+def _caption_consistency(config: DictConfig):
+    """The config's `caption_consistency: {target, params, weight}` as (reference_of, CaptionConsistency), or (None,
+    None). `reference_of(caption, captions of its image)` gives the caption whose prediction it must match, or None."""
+    spec = config.get("caption_consistency")
+    if not spec:
+        return None, None
+    settings = {key: value for key, value in spec.items() if key not in ("target", "params")}
+    return (instantiate(spec, "caption_consistency"),
+            dataclass_from(CaptionConsistency, settings, "caption_consistency"))
+
+
+def referenced_captions(encoder: CLIPTextEncoder, texts: list[str], captions: list[list[str]], reference_of,
+                        device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(rows, token ids) of the reference captions `reference_of` finds for texts (dropped ones have none)."""
+    return _rows_and_ids(encoder, [reference_of(text, image_captions) if text else None
+                                   for text, image_captions in zip(texts, captions)], device)
+
+
 def contradicting_captions(encoder: CLIPTextEncoder, texts: list[str], contradict,
                            device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(rows, token ids) of the captions `contradict` finds for texts (dropped ones, "", have none); None if none."""
-    found = [(row, contradict(text)) for row, text in enumerate(texts) if text]
-    found = [(row, wrong) for row, wrong in found if wrong is not None]
-    if not found:
+    return _rows_and_ids(encoder, [contradict(text) if text else None for text in texts], device)
+
+
+def _rows_and_ids(encoder: CLIPTextEncoder, found: list[str | None], device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The rows with a caption found (not None) and those captions' token ids; None if no row has one."""
+    rows = [row for row, caption in enumerate(found) if caption is not None]
+    if not rows:
         return None
-    ids, _ = encoder.frame(encoder.tokenize([wrong for _, wrong in found]))
-    return torch.tensor([row for row, _ in found], device=device), ids.to(device)
+    ids, _ = encoder.frame(encoder.tokenize([found[row] for row in rows]))
+    return torch.tensor(rows, device=device), ids.to(device)
 
 
 def token_labels(encoder: CLIPTextEncoder, texts: list[str], tokens: list[list[int]], labeler) -> torch.Tensor:
