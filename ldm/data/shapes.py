@@ -349,8 +349,8 @@ class Contradiction:
 
 class EnglishTranslation:
     """The English caption that says what a Japanese caption says, None for an English one (a
-    `caption_consistency:` target). `captions` lists each language's phrasings of a scene in the same order, so the
-    k-th Japanese caption translates the k-th English one."""
+    `caption_consistency:` target). A scene's `captions()` list each language's phrasings in the same order, so the
+    k-th Japanese caption of `scene_captions` translates the k-th English one."""
 
     def __call__(self, caption: str, scene_captions: list[str]) -> str | None:
         if caption.isascii():
