@@ -605,6 +605,9 @@ def test_caption_consistency_runs_from_the_config(tmp_path, trained_autoencoder)
     config["caption_consistency"]["weight"] = 0
     with pytest.raises(ValueError, match=r"caption_consistency weight=0 must be > 0"):
         train(_write({**config, "output": str(tmp_path / "bad")}, tmp_path, "bad.yaml"))
+    edit = {**config, "task": "instruct_edit", "init": str(tmp_path / "run" / "model"), "output": str(tmp_path / "e")}
+    with pytest.raises(ValueError, match="caption_consistency applies to task text_to_image only"):
+        train(_write(edit, tmp_path, "edit.yaml"))
 
 
 def test_caption_contrast_runs_from_the_config(tmp_path, trained_autoencoder):

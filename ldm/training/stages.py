@@ -328,6 +328,8 @@ def instruct_edit_stage(config: DictConfig, settings: TrainSettings, output: Pat
     """
     if not config.get("init"):
         raise ValueError("task instruct_edit needs init=<text-to-image model folder or name> to start from")
+    if config.get("caption_consistency"):
+        raise ValueError("caption_consistency applies to task text_to_image only; remove it from this config")
     dataset = instantiate(config.data, "data")
     base = load_components(config.init)
     vae = base.vae.float().requires_grad_(False)
