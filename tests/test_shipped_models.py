@@ -9,7 +9,7 @@ from ldm.edit_evaluation import evaluate_edit_model
 from ldm.evaluation import evaluate_model
 
 # Measured on the shipped weights: ShapeEval seen 0.98 (English 1.00, Japanese 0.96), background 0.875 on this subset
-# (0.908 and 0.930 over all prompts, README); edit success 0.82 and preservation 0.79 on its subset at image
+# (0.908 and 0.930 over all prompts, weights.md); edit success 0.82 and preservation 0.79 on its subset at image
 # guidance 1.5 (0.864 and 0.826 over all cases at the recommended 2.5); at the recommended settings (image guidance
 # 2.5, 5 candidates per image) 0.82 and 0.91 on the same subset (against 0.80 and 0.82 with one candidate).
 SHAPES_SEEN_FLOOR, BACKGROUND_FLOOR = 0.9, 0.8
