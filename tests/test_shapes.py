@@ -10,8 +10,8 @@ import pytest
 
 from ldm.data.shapes import (
     BACKGROUNDS, CANVAS, COLORS, HALF_EXTENT, HELD_OUT, RELATIONS, Contradiction, OppositeRelation, OtherColors,
-    OtherCount, RelationTokenLabels, Scene, ShapeObject, ShapesDataset, _looks, captions, lies,
-    object_phrase, relation, render,
+    JA_COLORS, JA_SHAPES, OtherCount, RelationTokenLabels, Scene, ShapeObject, ShapesDataset, _looks, captions,
+    code_switched, lies, object_phrase, relation, render,
 )
 
 SCENES = [ShapesDataset(seed=0).scene(index) for index in range(1500)]
@@ -45,6 +45,36 @@ def test_held_out_pairs_never_appear_in_images_or_captions():
     texts = " | ".join(text for scene in SCENES[:400] for text in captions(scene))
     for phrase in ("purple triangle", "orange circle", "green square", "紫の三角", "オレンジの丸", "緑の四角"):
         assert phrase not in texts
+
+
+def test_code_switched_captions_swap_one_kind_of_word_into_the_other_language():
+    assert code_switched("a red circle to the left of a blue square", "colors") == "a 赤い circle to the left of a 青い square"
+    assert code_switched("two yellow triangles on a black background", "shapes") == "two yellow 三角 on a black background"
+    assert code_switched("青い四角の左に赤い丸", "shapes") == "青い square の左に赤い circle"
+    assert code_switched("黒い背景に紫の四角が二つ", "colors") == "黒い背景に purple 四角が二つ"  # backgrounds stay
+    assert code_switched("灰色の背景にオレンジの三角", "colors") == "灰色の背景に orange 三角"
+
+
+def _in_english(text: str) -> str:
+    """Every Japanese colour and shape word of a (possibly mixed) caption in English, for reading its pairs."""
+    for words in (JA_COLORS, JA_SHAPES):
+        for english, japanese in words.items():
+            text = text.replace(japanese, f" {english} ")
+    return " ".join(text.split())
+
+
+def test_code_switching_adds_two_mixed_captions_per_language_that_tell_the_truth():
+    """With code_switching, each language gets one colour-switched and one shape-switched phrasing of one of its own
+    captions; the pairs they name are the scene's (so a held-out pair is never named, in any mix)."""
+    dataset, plain = ShapesDataset(seed=0, code_switching=True), ShapesDataset(seed=0)
+    for index in range(300):
+        mixed = [text for text in dataset[index]["captions"] if text not in plain[index]["captions"]]
+        assert len(mixed) == 4
+        looks = {(obj.color, obj.shape) for obj in dataset.scene(index).objects}
+        for text in mixed:
+            assert not text.isascii() and re.search("[a-z]", text), text  # both languages inside
+            named = set(re.findall(rf"\b({'|'.join(COLORS)}) ({'|'.join(JA_SHAPES)})s?\b", _in_english(text)))
+            assert named and named <= looks, text
 
 
 def test_spatial_captions_match_the_geometry():

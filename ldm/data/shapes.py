@@ -376,13 +376,40 @@ def with_background(phrase: str, background: str, language: str) -> str:
     return f"{phrase} on a {background} background"
 
 
-def captions(scene: Scene, languages: tuple[str, ...] = ("en", "ja")) -> list[str]:
-    """Every phrasing that truthfully describes the scene: with and without sizes, background and ordering."""
+def captions(scene: Scene, languages: tuple[str, ...] = ("en", "ja"), code_switching: bool = False) -> list[str]:
+    """Every phrasing that truthfully describes the scene: with and without sizes, background and ordering.
+
+    `code_switching`: also, per language, one phrasing with its colour words and one with its shape words in the
+    other language (`code_switched`)."""
     texts = []
     for language in languages:
+        phrasings = []
         for phrase in _content_phrases(scene, language):
-            texts += [phrase, with_background(phrase, scene.background, language)]
+            phrasings += [phrase, with_background(phrase, scene.background, language)]
+        texts += phrasings
+        if code_switching and len(languages) > 1:
+            texts += [code_switched(_stable_choice(phrasings, phrasings[0] + kind), kind) for kind in ("colors", "shapes")]
     return list(dict.fromkeys(texts))
+
+
+_TO_JAPANESE = {"colors": JA_COLORS, "shapes": {**JA_SHAPES, **{f"{shape}s": JA_SHAPES[shape] for shape in SHAPES}}}
+_TO_ENGLISH = {"colors": _JA_COLOR_NAMES, "shapes": _JA_SHAPE_NAMES}
+
+
+def code_switched(caption: str, kind: str) -> str:
+    """The caption with its colour words (kind "colors") or shape words ("shapes") in the other language: 'a 赤い
+    circle to the left of a 青い square', '青い squareの左に赤い circle'.
+
+    Mixing the two vocabularies inside one sentence makes a word's two translations interchangeable in every
+    context, the code-switching augmentation of multilingual encoders: a Japanese pair the captions never name (紫の三角)
+    then borrows what the English pair (a purple triangle, as unseen) gets from composition."""
+    if caption.isascii():
+        words = _TO_JAPANESE[kind]
+        return re.sub(rf"\b({'|'.join(sorted(words, key=len, reverse=True))})\b", lambda found: words[found.group(1)],
+                      caption)
+    words = _TO_ENGLISH[kind]
+    switched = re.sub("|".join(words), lambda found: f" {words[found.group(0)]} ", caption)
+    return " ".join(switched.split())
 
 
 def _content_phrases(scene: Scene, language: str) -> list[str]:
@@ -424,8 +451,8 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __init__(self, length: int = 100_000, size: int = CANVAS, seed: int = 0,
                  languages: tuple[str, ...] = ("en", "ja"), held_out: frozenset = HELD_OUT,
-                 scene_kinds: dict[str, float] = SCENE_KINDS):
-        self.length, self.size, self.seed = length, size, seed
+                 scene_kinds: dict[str, float] = SCENE_KINDS, code_switching: bool = False):
+        self.length, self.size, self.seed, self.code_switching = length, size, seed, code_switching
         self.languages, self.held_out = tuple(languages), frozenset(map(tuple, held_out))
         self.scene_kinds = check_scene_kinds(scene_kinds)
 
@@ -437,4 +464,4 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
-        return {"image": to_tensor(render(scene, self.size)), "captions": captions(scene, self.languages)}
+        return {"image": to_tensor(render(scene, self.size)), "captions": captions(scene, self.languages, self.code_switching)}
