@@ -388,7 +388,8 @@ def captions(scene: Scene, languages: tuple[str, ...] = ("en", "ja"), code_switc
             phrasings += [phrase, with_background(phrase, scene.background, language)]
         texts += phrasings
         if code_switching and len(languages) > 1:
-            texts += [code_switched(_stable_choice(phrasings, phrasings[0] + kind), kind) for kind in ("colors", "shapes")]
+            texts += [code_switched(_stable_choice(phrasings, phrasings[0] + kind), kind)
+                      for kind in ("colors", "shapes")]
     return list(dict.fromkeys(texts))
 
 
@@ -398,7 +399,7 @@ _TO_ENGLISH = {"colors": _JA_COLOR_NAMES, "shapes": _JA_SHAPE_NAMES}
 
 def code_switched(caption: str, kind: str) -> str:
     """The caption with its colour words (kind "colors") or shape words ("shapes") in the other language: 'a 赤い
-    circle to the left of a 青い square', '青い squareの左に赤い circle'.
+    circle to the left of a 青い square', '青い square の左に赤い circle'.
 
     Mixing the two vocabularies inside one sentence makes a word's two translations interchangeable in every
     context, the code-switching augmentation of multilingual encoders: a Japanese pair the captions never name (紫の三角)
@@ -464,4 +465,5 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         scene = self.scene(index)
-        return {"image": to_tensor(render(scene, self.size)), "captions": captions(scene, self.languages, self.code_switching)}
+        return {"image": to_tensor(render(scene, self.size)),
+                "captions": captions(scene, self.languages, self.code_switching)}
