@@ -75,6 +75,8 @@ def test_code_switching_adds_two_mixed_captions_per_language_that_tell_the_truth
             assert not text.isascii() and re.search("[a-z]", text), text  # both languages inside
             named = set(re.findall(rf"\b({'|'.join(COLORS)}) ({'|'.join(JA_SHAPES)})s?\b", _in_english(text)))
             assert named and named <= looks, text
+    with pytest.raises(ValueError, match="code_switching mixes two languages"):
+        ShapesDataset(languages=("en",), code_switching=True)
 
 
 def test_spatial_captions_match_the_geometry():

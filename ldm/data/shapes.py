@@ -456,6 +456,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         self.length, self.size, self.seed, self.code_switching = length, size, seed, code_switching
         self.languages, self.held_out = tuple(languages), frozenset(map(tuple, held_out))
         self.scene_kinds = check_scene_kinds(scene_kinds)
+        if code_switching and len(self.languages) < 2:
+            raise ValueError(f"code_switching mixes two languages, but languages={self.languages}: pass both "
+                             "('en', 'ja') or code_switching=False")
 
     def __len__(self) -> int:
         return self.length
