@@ -12,7 +12,7 @@ import pytest
 from PIL import ImageFilter
 
 from ldm.data.edits import (
-    CATEGORIES, KINDS, LANGUAGES, MENTION_ATTRIBUTES, MIN_MOVE, RELATION_MARGIN, TWO_EDITS, Change, Edit,
+    CATEGORIES, CATEGORY_SHARES, KINDS, LANGUAGES, MENTION_ATTRIBUTES, MIN_MOVE, RELATION_MARGIN, TWO_EDITS, Change, Edit,
     EditDataset, Mention, OppositeDirection, instructions, placed, sample_edit, unseen_instructions,
 )
 from ldm.data.shapes import (
@@ -51,6 +51,15 @@ def test_every_category_and_kind_comes_in_both_languages_alike():
         assert EditDataset(seed=0)[index]["kinds"] == edit.kinds
     assert EditDataset(seed=0, languages=("ja",))[0]["instructions"] == EDITS[0].instructions(("ja",))
 
+
+
+def test_category_shares_choose_kinds_and_ordered_pairs():
+    assert sample_edit(np.random.default_rng(1), "add+move").kinds == ("add", "move")
+    dataset = EditDataset(seed=5, category_shares={"recolor": 1, "move+add": 3})  # shares need not sum to 1
+    kinds = Counter(dataset.edit(index).kinds for index in range(400))
+    assert set(kinds) == {("recolor",), ("move", "add")}
+    assert 0.68 < kinds[("move", "add")] / 400 < 0.82  # 0.75 expected, ±3.3 standard deviations
+    assert EditDataset(seed=5, category_shares=dict(CATEGORY_SHARES)).edit(7) == EditDataset(seed=5).edit(7)
 
 RED_CIRCLE, BLUE_SQUARE = Mention("circle", "red"), Mention("square", "blue")
 
@@ -180,6 +189,11 @@ def test_held_out_pairs_appear_in_no_image_and_no_instruction():
 def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="category"):
         sample_edit(np.random.default_rng(0), "rotate")
+    for shares in ({"rotate": 1.0}, {"background+background": 1.0}):
+        with pytest.raises(ValueError, match="add\\+move"):
+            EditDataset(category_shares=shares)
+    with pytest.raises(ValueError, match="non-negative"):
+        EditDataset(category_shares={"add": 1.0, "move": -0.5})
     with pytest.raises(ValueError, match="languages"):
         EditDataset(languages=("fr",))
     with pytest.raises(ValueError, match="held_out"):

@@ -156,13 +156,14 @@ def placed(obj, where: str, anchor=None, margin: float = 0.0) -> bool:
 
 # ------------------------------------------------------------------------------------------------- sampling
 
-def sample_edit(rng: np.random.Generator, category: str | None = None, held_out: frozenset = HELD_OUT) -> Edit:
-    """A random edit of a random scene, of `category` when given: a pure function of the generator's state, like
-    `shapes.sample_scene` (whose scenes are the sources)."""
+def sample_edit(rng: np.random.Generator, category: str | None = None, held_out: frozenset = HELD_OUT,
+                shares: dict[str, float] = CATEGORY_SHARES) -> Edit:
+    """A random edit of a random scene, of `category` when given, else of one drawn by `shares`: a pure function
+    of the generator's state, like `shapes.sample_scene` (whose scenes are the sources). A category is a kind, a
+    pair of kinds in order ("add+move": add an object, then move one) or TWO_EDITS (any pair, uniformly)."""
     if category is None:
-        category = CATEGORIES[rng.choice(len(CATEGORIES), p=[CATEGORY_SHARES[name] for name in CATEGORIES])]
-    if category not in CATEGORIES:
-        raise ValueError(f"unknown edit category {category!r}; choose one of {CATEGORIES}")
+        names = list(shares)
+        category = names[rng.choice(len(names), p=list(shares.values()))]
     kinds = _kinds(rng, category)
     while True:  # some scenes allow no such edit (nothing to remove, no room to move): draw another
         edit = _try_edit(rng, sample_scene(rng, held_out), kinds, held_out)
@@ -170,11 +171,29 @@ def sample_edit(rng: np.random.Generator, category: str | None = None, held_out:
             return edit
 
 
+PAIRS = tuple(f"{a}+{b}" for a in KINDS for b in KINDS if (a, b) != ("background", "background"))
+
+
+def check_category_shares(shares: dict[str, float]) -> dict[str, float]:
+    """`shares` as probabilities (they need not sum to 1), its categories checked."""
+    unknown = [name for name in shares if name not in CATEGORIES and name not in PAIRS]
+    if unknown:
+        raise ValueError(f"unknown edit categories {unknown}: use a kind {KINDS}, {TWO_EDITS!r} (any pair) or "
+                         f"a pair of kinds such as 'add+move' (background+background is not one)")
+    total = sum(shares.values())
+    if any(share < 0 for share in shares.values()) or total <= 0:
+        raise ValueError(f"category shares must be non-negative with a positive sum, got {dict(shares)}")
+    return {name: share / total for name, share in shares.items()}
+
+
 def _kinds(rng: np.random.Generator, category: str) -> tuple[str, ...]:
-    if category != TWO_EDITS:
+    if category in KINDS:
         return (category,)
-    pairs = [(a, b) for a in KINDS for b in KINDS if (a, b) != ("background", "background")]
-    return pairs[rng.integers(len(pairs))]
+    if category in PAIRS:
+        return tuple(category.split("+"))
+    if category != TWO_EDITS:
+        raise ValueError(f"unknown edit category {category!r}; choose one of {CATEGORIES} or a pair in {PAIRS}")
+    return tuple(PAIRS[rng.integers(len(PAIRS))].split("+"))
 
 
 @dataclass(frozen=True)
@@ -624,8 +643,10 @@ class EditDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, length: int = 100_000, size: int = CANVAS, seed: int = 0,
-                 languages: Sequence[str] = LANGUAGES, held_out: frozenset = HELD_OUT, templates: str = "extended"):
+                 languages: Sequence[str] = LANGUAGES, held_out: frozenset = HELD_OUT, templates: str = "extended",
+                 category_shares: dict[str, float] = CATEGORY_SHARES):
         _check_one_of("templates", templates, TEMPLATE_SETS)
+        self.category_shares = check_category_shares(dict(category_shares))
         self.length, self.size, self.seed, self.templates = length, size, seed, templates
         self.languages, self.held_out = check_languages(languages), frozenset(map(tuple, held_out))
         unknown = {pair for pair in self.held_out if pair[0] not in COLORS or pair[1] not in SHAPES}
@@ -636,7 +657,8 @@ class EditDataset(torch.utils.data.Dataset):
         return self.length
 
     def edit(self, index: int) -> Edit:
-        return sample_edit(np.random.default_rng([self.seed, index]), held_out=self.held_out)
+        return sample_edit(np.random.default_rng([self.seed, index]), held_out=self.held_out,
+                           shares=self.category_shares)
 
     def __getitem__(self, index: int) -> dict:
         edit = self.edit(index)
