@@ -12,8 +12,8 @@ import pytest
 from PIL import ImageFilter
 
 from ldm.data.edits import (
-    CATEGORIES, CATEGORY_SHARES, KINDS, LANGUAGES, MENTION_ATTRIBUTES, MIN_MOVE, RELATION_MARGIN, TWO_EDITS, Change, Edit,
-    EditDataset, Mention, OppositeDirection, instructions, placed, sample_edit, unseen_instructions,
+    CATEGORIES, CATEGORY_SHARES, KINDS, LANGUAGES, MENTION_ATTRIBUTES, MIN_MOVE, RELATION_MARGIN, TWO_EDITS, Change,
+    Edit, EditDataset, Mention, OppositeDirection, instructions, placed, sample_edit, unseen_instructions,
 )
 from ldm.data.shapes import (
     BACKGROUNDS, CANVAS, COLORS, HELD_OUT, OPPOSITE, RELATIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset,
@@ -52,7 +52,6 @@ def test_every_category_and_kind_comes_in_both_languages_alike():
     assert EditDataset(seed=0, languages=("ja",))[0]["instructions"] == EDITS[0].instructions(("ja",))
 
 
-
 def test_category_shares_choose_kinds_and_ordered_pairs():
     assert sample_edit(np.random.default_rng(1), "add+move").kinds == ("add", "move")
     dataset = EditDataset(seed=5, category_shares={"recolor": 1, "move+add": 3})  # shares need not sum to 1
@@ -60,6 +59,7 @@ def test_category_shares_choose_kinds_and_ordered_pairs():
     assert set(kinds) == {("recolor",), ("move", "add")}
     assert 0.68 < kinds[("move", "add")] / 400 < 0.82  # 0.75 expected, ±3.3 standard deviations
     assert EditDataset(seed=5, category_shares=dict(CATEGORY_SHARES)).edit(7) == EditDataset(seed=5).edit(7)
+
 
 RED_CIRCLE, BLUE_SQUARE = Mention("circle", "red"), Mention("square", "blue")
 
