@@ -176,24 +176,25 @@ PAIRS = tuple(f"{a}+{b}" for a in KINDS for b in KINDS if (a, b) != ("background
 
 def check_category_shares(shares: dict[str, float]) -> dict[str, float]:
     """`shares` as probabilities (they need not sum to 1), its categories checked."""
-    unknown = [name for name in shares if name not in CATEGORIES and name not in PAIRS]
-    if unknown:
-        raise ValueError(f"unknown edit categories {unknown}: use a kind {KINDS}, {TWO_EDITS!r} (any pair) or "
-                         f"a pair of kinds such as 'add+move' (background+background is not one)")
+    for name in shares:
+        _check_category(name)
     total = sum(shares.values())
     if any(share < 0 for share in shares.values()) or total <= 0:
         raise ValueError(f"category shares must be non-negative with a positive sum, got {dict(shares)}")
     return {name: share / total for name, share in shares.items()}
 
 
+def _check_category(name: str) -> None:
+    if name not in CATEGORIES and name not in PAIRS:
+        raise ValueError(f"unknown edit category {name!r}: use a kind {KINDS}, {TWO_EDITS!r} (any pair) or a pair "
+                         "of kinds such as 'add+move' (background+background is not one)")
+
+
 def _kinds(rng: np.random.Generator, category: str) -> tuple[str, ...]:
-    if category in KINDS:
-        return (category,)
-    if category in PAIRS:
-        return tuple(category.split("+"))
-    if category != TWO_EDITS:
-        raise ValueError(f"unknown edit category {category!r}; choose one of {CATEGORIES} or a pair in {PAIRS}")
-    return tuple(PAIRS[rng.integers(len(PAIRS))].split("+"))
+    _check_category(category)
+    if category == TWO_EDITS:
+        category = PAIRS[rng.integers(len(PAIRS))]
+    return tuple(category.split("+"))
 
 
 @dataclass(frozen=True)
