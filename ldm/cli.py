@@ -86,9 +86,23 @@ def edit(image: Path, text: str, args: argparse.Namespace) -> list[Path]:
 
 def convert(source: str, destination: Path, format: str, dtype: torch.dtype, config: str | None) -> None:
     """Any model ldm loads (text-to-image, inpainting or instruction UNets alike), rewritten in `format`."""
-    from ldm.loading import load_components, save_diffusers_folder, save_single_file
+    from ldm.loading import load_components
 
-    components = load_components(source, config=config)
+    _save(load_components(source, config=config), destination, format, dtype)
+
+
+def average(sources: list[str], destination: Path, weights: list[float] | None, format: str,
+            dtype: torch.dtype) -> None:
+    """The weighted mean of models of one architecture (ldm/averaging.py), the first one's configs kept."""
+    from ldm.averaging import average_models
+    from ldm.loading import load_components
+
+    _save(average_models([load_components(source) for source in sources], weights), destination, format, dtype)
+
+
+def _save(components, destination: Path, format: str, dtype: torch.dtype) -> None:
+    from ldm.loading import save_diffusers_folder, save_single_file
+
     for module in (components.unet, components.vae, components.text_encoder.model):
         module.to(dtype=dtype)
     save = save_diffusers_folder if format == "diffusers" else save_single_file
@@ -147,9 +161,17 @@ def main(argv: list[str] | None = None) -> int:
     convert_parser = commands.add_parser("convert", help="rewrite a model as a diffusers folder or a single file")
     convert_parser.add_argument("source", help="a model name, diffusers folder or single file")
     convert_parser.add_argument("destination", type=Path)
-    convert_parser.add_argument("--format", choices=("diffusers", "single_file"), default="diffusers")
-    convert_parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     convert_parser.add_argument("--config", default=None, help="the CompVis YAML of a single-file source")
+    average_parser = commands.add_parser("average", help="average the weights of models of one architecture "
+                                         "(fine-tunes of one parent) into a new model")
+    average_parser.add_argument("sources", nargs="+", help="two or more model names, diffusers folders or single "
+                                "files; the first one's configs and recommended settings are kept")
+    average_parser.add_argument("--output", type=Path, required=True)
+    average_parser.add_argument("--weights", type=float, nargs="+", default=None,
+                                help="one positive weight per source, scaled to sum to 1 (default: equal)")
+    for writing_parser in (convert_parser, average_parser):
+        writing_parser.add_argument("--format", choices=("diffusers", "single_file"), default="diffusers")
+        writing_parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     add_sampling_commands(commands)
     args = parser.parse_args(argv)
     if hasattr(args, "handler"):  # sample, info
@@ -188,6 +210,9 @@ def _run(args: argparse.Namespace) -> None:
     elif args.command == "convert":
         convert(args.source, args.destination, args.format, getattr(torch, args.dtype), args.config)
         print(args.destination.resolve())
+    elif args.command == "average":
+        average(args.sources, args.output, args.weights, args.format, getattr(torch, args.dtype))
+        print(args.output.resolve())
     elif args.command == "train":
         from ldm.training.stages import train
 

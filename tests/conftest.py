@@ -92,8 +92,8 @@ def tiny_sd_folder(request, tmp_path_factory):
     return request.param, folder, pipe
 
 
-def tiny_random_pipeline(seed: int = 0):
-    """A randomly initialised, SD-shaped but tiny ldm pipeline: it exercises every stage in milliseconds."""
+def tiny_random_components(seed: int = 0, unet_channels: tuple[int, int] = (32, 64)):
+    """A randomly initialised, SD-shaped but tiny model: it exercises every stage in milliseconds."""
     from transformers import CLIPTextConfig
 
     from ldm.diffusers_schedulers import STABLE_DIFFUSION_CONFIG
@@ -101,17 +101,21 @@ def tiny_random_pipeline(seed: int = 0):
     from ldm.models.autoencoder import AutoencoderConfig, AutoencoderKL
     from ldm.models.text_encoders import CLIPTextEncoder, clip_tokenizer
     from ldm.models.unet import UNet, UNetConfig
-    from ldm.pipeline import LatentDiffusionPipeline
 
     torch.manual_seed(seed)
-    unet = UNet(UNetConfig(channels=(32, 64), attention_levels=(True, True), heads=(2, 4), transformer_depth=(1, 1),
-                           context_dim=32, norm_groups=8)).eval()
+    unet = UNet(UNetConfig(channels=unet_channels, attention_levels=(True, True), heads=(2, 4),
+                           transformer_depth=(1, 1), context_dim=32, norm_groups=8)).eval()
     vae = AutoencoderKL(AutoencoderConfig(channels=(32, 64), norm_groups=8, layers_per_level=1)).eval()
     text_config = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                  vocab_size=49408, max_position_embeddings=77)
     text = CLIPTextEncoder.from_config(text_config, clip_tokenizer())
-    components = Components(unet, vae, text, dict(STABLE_DIFFUSION_CONFIG), {"path": "tiny-random", "format": "code"})
-    return LatentDiffusionPipeline(components)
+    return Components(unet, vae, text, dict(STABLE_DIFFUSION_CONFIG), {"path": "tiny-random", "format": "code"})
+
+
+def tiny_random_pipeline(seed: int = 0):
+    from ldm.pipeline import LatentDiffusionPipeline
+
+    return LatentDiffusionPipeline(tiny_random_components(seed))
 
 
 # The diffusers editing pipelines, by task, with the UNet input width each one's checkpoints have.
