@@ -15,13 +15,8 @@ import torch
 
 from ldm.loading import Components
 
-NETWORKS = ("unet", "vae", "text_encoder")
 # Measured statistics, not architecture: models fine-tuned on different data re-measure them.
 MEASURED_CONFIG_FIELDS = ("scaling_factor", "shift_factor")
-
-
-def _network(components: Components, name: str) -> torch.nn.Module:
-    return components.text_encoder.model if name == "text_encoder" else getattr(components, name)
 
 
 def _architecture(components: Components, name: str) -> dict:
@@ -35,7 +30,7 @@ def _architecture(components: Components, name: str) -> dict:
 
 
 def _check_same_architecture(models: Sequence[Components]) -> None:
-    for name in NETWORKS:
+    for name in models[0].networks:
         reference = _architecture(models[0], name)
         for index, model in enumerate(models[1:], start=2):
             other = _architecture(model, name)
@@ -88,7 +83,7 @@ def average_models(models: Sequence[Components], weights: Sequence[float] | None
     """The first model with every network's weights replaced (in place) by the weighted mean over `models`."""
     weights = normalized_weights(len(models), weights)
     _check_same_architecture(models)
-    for name in NETWORKS:
-        states = [_network(model, name).state_dict() for model in models]
-        _network(models[0], name).load_state_dict(mean_state_dict(states, weights, what=name))
+    for name, network in models[0].networks.items():
+        states = [model.networks[name].state_dict() for model in models]
+        network.load_state_dict(mean_state_dict(states, weights, what=name))
     return models[0]

@@ -103,7 +103,7 @@ def average(sources: list[str], destination: Path, weights: list[float] | None, 
 def _save(components, destination: Path, format: str, dtype: torch.dtype) -> None:
     from ldm.loading import save_diffusers_folder, save_single_file
 
-    for module in (components.unet, components.vae, components.text_encoder.model):
+    for module in components.networks.values():
         module.to(dtype=dtype)
     save = save_diffusers_folder if format == "diffusers" else save_single_file
     save(components, destination)

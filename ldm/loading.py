@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import diffusers
+import torch
 from transformers import CLIPTextConfig, T5Config
 
 from ldm.call_settings import RECOMMENDABLE, setting_problem
@@ -46,6 +47,11 @@ class Components:
     scheduler_config: dict[str, Any]  # a diffusers scheduler config (its `_class_name` names the sampler)
     source: dict[str, Any] = field(default_factory=dict)  # where it came from: path, format, sha256 prefix
     sampling_defaults: dict[str, Any] = field(default_factory=dict)  # the model's recommended call settings
+
+    @property
+    def networks(self) -> dict[str, torch.nn.Module]:
+        """The modules that hold weights, by component name."""
+        return {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder.model}
 
 
 # Models that ship inside the package, by name: trained by ldm's own trainer (see weights.md).
